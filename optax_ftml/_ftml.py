@@ -1,0 +1,284 @@
+"""Follow the Moving Leader (FTML), as computed by Apache MXNet's ``ftml_update``.
+
+References:
+  Zheng and Kwok, `Follow the Moving Leader in Deep Learning
+  <http://proceedings.mlr.press/v70/zheng17a/zheng17a.pdf>`_, ICML 2017.
+
+  Apache MXNet, ``mxnet.optimizer.FTML`` and the fused kernel ``ftml_update``.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class FTMLState(NamedTuple):
+  """State of :func:`ftml`."""
+
+  count: jax.Array
+  """Number of updates applied so far (``int32``, saturating); the kernel's
+  1-based step ``t`` is ``count + 1``."""
+  v: optax.Updates
+  """Exponential moving average of the squared gradient magnitude (real)."""
+  z: optax.Updates
+  """FTML's linear term: the moving leader is ``-z / d_prev``."""
+  d_prev: optax.Updates
+  """The diagonal ``d_{t-1}`` of the previous step (real)."""
+
+
+def _is_concrete_real(value: Any) -> bool:
+  """Whether ``value`` is a Python or NumPy real number that can be checked."""
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _check_hyperparameter(name: str, value: Any, low: float, high: float,
+                          high_open: bool) -> None:
+  """Validates a concrete hyperparameter; traced or array values pass through.
+
+  ``optax.inject_hyperparams`` hands the factory arrays (possibly traced), which
+  must stay traceable, so only Python and NumPy scalars are checked here.
+  """
+  if isinstance(value, (bool, str, bytes)) or value is None:
+    raise TypeError(f"ftml: {name} must be a real number, got {value!r}.")
+  if not _is_concrete_real(value):
+    if not hasattr(value, "dtype"):
+      raise TypeError(
+          f"ftml: {name} must be a real number or a scalar array, got"
+          f" {type(value).__name__}.")
+    return
+  value = float(value)
+  upper_ok = value < high if high_open else value <= high
+  if not (low <= value and upper_ok):
+    bracket = ")" if high_open else "]"
+    raise ValueError(
+        f"ftml: {name} must be in [{low}, {high}{bracket}, got {value!r}.")
+
+
+def _check_beta(name: str, value: Any) -> None:
+  _check_hyperparameter(name, value, 0.0, 1.0, high_open=True)
+  # The bias correction 1 - beta**t is computed in (at least) float32: a beta
+  # that rounds to 1 there makes it 0 and every step divides by zero.
+  if _is_concrete_real(value) and float(jnp.float32(value)) == 1.0:
+    raise ValueError(
+        f"ftml: {name}={value!r} rounds to 1.0 in float32, which makes the"
+        f" bias correction 1 - {name}**t zero; use {name} <= {1 - 2**-24}.")
+
+
+def _check_learning_rate(value: Any) -> None:
+  if callable(value):
+    return
+  _check_hyperparameter("learning_rate", value, 0.0, float("inf"),
+                        high_open=True)
+  if _is_concrete_real(value) and float(value) == 0.0:
+    raise ValueError(
+        "ftml: a constant learning_rate must be > 0 (FTML's step divides by"
+        " it); got 0. A schedule may reach 0: such a step leaves the"
+        " parameters unchanged.")
+
+
+def _promote(*dtypes: Any) -> jnp.dtype:
+  """The standard JAX promotion of ``dtypes``, whatever the promotion mode."""
+  with jax.numpy_dtype_promotion("standard"):
+    return jnp.result_type(*dtypes)
+
+
+def _real_dtype(dtype: Any) -> jnp.dtype:
+  """The real counterpart of ``dtype`` (float32 for complex64)."""
+  return jnp.finfo(dtype).dtype
+
+
+def _buffer_dtypes(param_dtype: Any, state_dtype: Any) -> tuple[Any, Any]:
+  """Storage dtypes of ``z`` and of the real buffers ``v`` and ``d_prev``."""
+  if state_dtype is None:
+    return param_dtype, _real_dtype(param_dtype)
+  if jnp.issubdtype(param_dtype, jnp.complexfloating):
+    return _promote(state_dtype, jnp.complex64), state_dtype
+  return state_dtype, state_dtype
+
+
+def _check_params_dtypes(params: optax.Params) -> None:
+  def check(path, leaf):
+    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      raise TypeError(
+          f"ftml: parameter {jax.tree_util.keystr(path)} has dtype"
+          f" {leaf.dtype}; FTML needs floating or complex parameters (exclude"
+          " integer leaves with optax.masked or optax.multi_transform).")
+  jax.tree_util.tree_map_with_path(check, params)
+
+
+def ftml(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    b1: jax.typing.ArrayLike = 0.6,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    state_dtype: jax.typing.DTypeLike | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Follow the Moving Leader (FTML) optimizer, as computed by MXNet.
+
+  With gradient :math:`g_t`, parameters :math:`w_{t-1}`, learning rate
+  :math:`\eta_t` and the 1-based step :math:`t`, each element is updated as
+
+  .. math::
+
+    \begin{align*}
+      v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, |g_t|^2 \\
+      d_t &= \frac{1 - \beta_1^t}{\eta_t}
+             \left(\sqrt{\frac{v_t}{1 - \beta_2^t}} + \epsilon\right) \\
+      z_t &= \beta_1 z_{t-1} + (1 - \beta_1)\, g_t
+             - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
+      w_t &= -z_t / d_t
+    \end{align*}
+
+  starting from :math:`v_0 = z_0 = d_0 = 0`, and the returned update is
+  :math:`w_t - w_{t-1}`. The operations follow MXNet's ``ftml_update`` kernel
+  in order and precision (``1 - b1`` and ``1 - b2`` are rounded in the
+  computation dtype), so float32 results agree with MXNet to rounding.
+
+  When nothing else changes the parameters, :math:`z_t = -d_t w_t` at every
+  step and the update collapses to :math:`-(1 - \beta_1) g_t / d_t`, an
+  Adam-like step with bias-corrected momentum replaced by the current
+  gradient. Anything applied *after* FTML (a projection, another transform)
+  is pulled back towards the leader :math:`-z_t / d_t` at the next step, so
+  gradient pre-processing such as clipping and weight decay belongs *before*
+  ``ftml`` in an :func:`optax.chain`.
+
+  Conventions:
+
+  * ``learning_rate`` may be a schedule; like every Optax optimizer it is
+    evaluated at the number of updates made so far (0 on the first step).
+    MXNet's schedulers see the count after incrementing (1 on the first
+    step): to reproduce an MXNet schedule ``s`` pass ``lambda n: s(n + 1)``.
+  * A step whose learning rate is exactly 0 (e.g. the first step of a warm-up
+    from 0) leaves the parameters unchanged and stores the limit of the
+    recursion as :math:`\eta_t \to 0` (:math:`d_t = \infty`): ``d_prev = 0``
+    and ``z`` with the :math:`d_t` term dropped, so the next step continues
+    exactly as the limit of steps with vanishing learning rate would.
+  * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
+    float64 for float64 parameters), and the per-element arithmetic runs in
+    at least float32, so bfloat16 and float16 parameters neither lose the
+    bias correction nor flush ``eps = 1e-8`` to zero; results are rounded to
+    the parameters' and the state's dtypes.
+  * Complex parameters use :math:`|g|^2` in :math:`v`; ``v`` and ``d_prev``
+    are real.
+
+  Args:
+    learning_rate: a positive float, or a schedule mapping the update count to
+      a learning rate (a step where the schedule returns 0 is a no-op).
+    b1: decay of the linear term, in [0, 1). MXNet's ``beta1``.
+    b2: decay of the squared-gradient average, in [0, 1). MXNet's ``beta2``.
+    eps: non-negative term added to the root of the second moment. MXNet's
+      ``epsilon``.
+    state_dtype: optional floating dtype of ``v``, ``z`` and ``d_prev`` (e.g.
+      ``jnp.float32`` for bfloat16 parameters); by default the parameters'
+      dtype (its real part for ``v`` and ``d_prev``).
+
+  Returns:
+    The corresponding :class:`optax.GradientTransformationExtraArgs`. Its
+    ``update`` requires ``params``.
+
+  Raises:
+    TypeError: if a hyperparameter has the wrong type, or ``state_dtype`` is
+      not a floating dtype.
+    ValueError: if a concrete hyperparameter is out of range.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> from optax_ftml import ftml
+    >>> def f(x): return jnp.sum(x ** 2)
+    >>> solver = ftml(learning_rate=0.1)
+    >>> params = jnp.array([1., 2., 3.])
+    >>> opt_state = solver.init(params)
+    >>> for _ in range(3):
+    ...   grad = jax.grad(f)(params)
+    ...   updates, opt_state = solver.update(grad, opt_state, params)
+    ...   params = optax.apply_updates(params, updates)
+    ...   print(f"{f(params):.4f}")
+    13.1645
+    12.3600
+    11.5830
+
+  References:
+    Zheng and Kwok, `Follow the Moving Leader in Deep Learning
+    <http://proceedings.mlr.press/v70/zheng17a/zheng17a.pdf>`_, ICML 2017.
+
+    Apache MXNet, ``mxnet.optimizer.FTML`` (kernel ``ftml_update``).
+  """
+  _check_learning_rate(learning_rate)
+  _check_beta("b1", b1)
+  _check_beta("b2", b2)
+  _check_hyperparameter("eps", eps, 0.0, float("inf"), high_open=True)
+  if state_dtype is not None:
+    state_dtype = jax.dtypes.canonicalize_dtype(state_dtype)
+    if not jnp.issubdtype(state_dtype, jnp.floating):
+      raise TypeError(
+          f"ftml: state_dtype must be a real floating dtype, got {state_dtype}.")
+
+  def init_fn(params: optax.Params) -> FTMLState:
+    _check_params_dtypes(params)
+
+    def zeros(dtype_index: int):
+      return jax.tree.map(
+          lambda p: jnp.zeros_like(
+              p, dtype=_buffer_dtypes(p.dtype, state_dtype)[dtype_index]),
+          params)
+
+    # Three separate zeros trees: buffers must not alias so that donating the
+    # state to a jitted step can reuse each of them in place.
+    return FTMLState(count=jnp.zeros([], jnp.int32), v=zeros(1), z=zeros(0),
+                     d_prev=zeros(1))
+
+  def update_fn(updates: optax.Updates, state: FTMLState,
+                params: optax.Params | None = None,
+                **extra_args: Any) -> tuple[optax.Updates, FTMLState]:
+    del extra_args
+    if params is None:
+      raise ValueError(
+          "ftml: update needs the current parameters: call"
+          " update(grads, state, params). FTML's step depends on the weights.")
+    treedef = jax.tree.structure(params)
+    for name, tree in (("gradients", updates), ("state", state.v)):
+      if jax.tree.structure(tree) != treedef:
+        raise ValueError(
+            f"ftml: the {name} tree does not match the parameters tree:"
+            f" {jax.tree.structure(tree)} vs {treedef}.")
+
+    count_inc = optax.safe_increment(state.count)
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+
+    def leaf_update(g, w, v, z, d_prev):
+      compute = _promote(w.dtype, z.dtype, jnp.float32)
+      real = _real_dtype(compute)
+      # MXNet evaluates these per element in the weight dtype; they depend
+      # only on t, so computing them once per step gives the same roundings.
+      t = count_inc.astype(real)
+      beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
+      rate = jnp.asarray(lr, real)
+      frozen = rate == 0
+      # As lr -> 0, d_t -> inf. The step is then a no-op, and storing d_t = 0
+      # (dropping it from z) is the limit of the recursion at the next step.
+      d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
+
+      g, w_c = g.astype(compute), w.astype(compute)
+      v_new = beta2 * v.astype(real) + (1 - beta2) * jnp.real(g * jnp.conj(g))
+      d_t = d_scale * (jnp.sqrt(v_new / (1 - beta2**t)) + jnp.asarray(eps, real))
+      z_new = (beta1.astype(compute) * z.astype(compute)
+               + (1 - beta1).astype(compute) * g) - (
+                   d_t - beta1 * d_prev.astype(real)).astype(compute) * w_c
+      step = jnp.where(frozen, 0, -z_new / d_t.astype(compute) - w_c)
+      return (step.astype(w.dtype), v_new.astype(v.dtype),
+              z_new.astype(z.dtype), d_t.astype(d_prev.dtype))
+
+    results = [
+        leaf_update(*leaves) for leaves in zip(*(
+            treedef.flatten_up_to(tree) for tree in (
+                updates, params, state.v, state.z, state.d_prev)))]
+    columns = list(zip(*results)) or [()] * 4
+    step, v, z, d_prev = (treedef.unflatten(column) for column in columns)
+    return step, FTMLState(count=count_inc, v=v, z=z, d_prev=d_prev)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,0 +1,127 @@
+"""The Optax chain that reproduces ``mxnet.optimizer.FTML``."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import optax
+
+from optax_ftml._ftml import ftml
+
+
+def _real(name: str, value: Any, minimum: float) -> float:
+  if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    raise TypeError(f"mxnet_ftml: {name} must be a real number, got {value!r}.")
+  if not float(value) >= minimum:
+    raise ValueError(f"mxnet_ftml: {name} must be >= {minimum}, got {value!r}.")
+  return float(value)
+
+
+def _gradient_preprocessing(rescale_grad: float, clip_gradient: Any,
+                            wd: float, mxnet_version: int):
+  """MXNet's ``rescale -> clip -> + wd * w`` (2.x) or ``rescale + wd * w -> clip``."""
+  rescale = [optax.scale(rescale_grad)] if rescale_grad != 1 else []
+  # MXNet clips iff the value is truthy (the optimizer forwards only truthy
+  # values) and >= 0 (the kernel's test): None, 0 and negatives disable it.
+  clip = ([optax.clip(clip_gradient)]
+          if clip_gradient is not None and clip_gradient > 0 else [])
+  decay = [optax.add_decayed_weights(wd)] if wd != 0 else []
+  if mxnet_version == 2:
+    return rescale + clip + decay
+  return rescale + decay + clip
+
+
+def mxnet_ftml(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    beta1: float = 0.6,
+    beta2: float = 0.999,
+    epsilon: float = 1e-8,
+    wd: float = 0.0,
+    rescale_grad: float = 1.0,
+    clip_gradient: float | None = None,
+    lr_mult: Any = None,
+    wd_mult: Any = None,
+    mxnet_version: int = 2,
+) -> optax.GradientTransformationExtraArgs:
+  """``mxnet.optimizer.FTML(...)`` as an Optax chain, with MXNet's argument names.
+
+  Builds ``optax.chain(<gradient pre-processing>, ftml(...))`` where the
+  pre-processing is, as in MXNet 2.x,
+  ``scale(rescale_grad) -> clip(clip_gradient) -> add_decayed_weights(wd)``,
+  or, as in MXNet 1.x (``mxnet_version=1``), weight decay before clipping.
+  Steps that are identities in MXNet (``rescale_grad=1``, ``wd=0``, no
+  clipping) are left out.
+
+  Args:
+    learning_rate: MXNet's ``learning_rate`` (2.x default 0.0025; 1.x used
+      0.01), or a schedule following MXNet's convention: it is called with the
+      1-based update count, as ``lr_scheduler(num_update)`` is in MXNet.
+    beta1: MXNet's ``beta1``.
+    beta2: MXNet's ``beta2``.
+    epsilon: MXNet's ``epsilon``.
+    wd: weight decay, added to the gradient as ``wd * weight``.
+    rescale_grad: multiplies the raw gradient; Gluon's ``Trainer.step(bs)``
+      sets it to ``1 / bs``.
+    clip_gradient: clip the gradient to ``[-c, c]``; ``None``, 0 or a negative
+      value disable clipping, as in MXNet.
+    lr_mult: optional pytree of per-parameter learning-rate multipliers with
+      the parameters' structure (MXNet's ``lr_mult``). A multiplier of 0
+      freezes that parameter.
+    wd_mult: optional pytree of per-parameter weight-decay multipliers with
+      the parameters' structure (MXNet's ``wd_mult``).
+    mxnet_version: 2 (clip, then weight decay) or 1 (weight decay, then clip).
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Examples:
+    >>> import jax.numpy as jnp, optax
+    >>> from optax_ftml import mxnet_ftml
+    >>> # mx.optimizer.FTML(learning_rate=0.01, wd=1e-4, clip_gradient=5,
+    >>> #                   rescale_grad=1/32)
+    >>> opt = mxnet_ftml(0.01, wd=1e-4, clip_gradient=5.0, rescale_grad=1 / 32)
+    >>> params = {"w": jnp.ones(3)}
+    >>> state = opt.init(params)
+    >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
+  """
+  if mxnet_version not in (1, 2):
+    raise ValueError(
+        f"mxnet_ftml: mxnet_version must be 1 or 2, got {mxnet_version!r}.")
+  wd = _real("wd", wd, 0.0)
+  rescale_grad = _real("rescale_grad", rescale_grad, -float("inf"))
+  if clip_gradient is not None:
+    clip_gradient = _real("clip_gradient", clip_gradient, -float("inf"))
+
+  def group(lr_multiplier: float, wd_multiplier: float):
+    if lr_multiplier == 0:
+      return optax.set_to_zero()
+    if callable(learning_rate):
+      rate = lambda count: lr_multiplier * learning_rate(count + 1)
+    else:
+      rate = learning_rate * lr_multiplier
+    return optax.chain(
+        *_gradient_preprocessing(rescale_grad, clip_gradient,
+                                 wd * wd_multiplier, mxnet_version),
+        ftml(rate, beta1, beta2, epsilon))
+
+  if lr_mult is None and wd_mult is None:
+    return group(1.0, 1.0)
+
+  def pair(lr_multiplier, wd_multiplier):
+    return (_real("lr_mult", lr_multiplier, 0.0),
+            _real("wd_mult", wd_multiplier, 0.0))
+
+  if lr_mult is None:
+    pairs = jax.tree.map(lambda m: pair(1.0, m), wd_mult)
+  elif wd_mult is None:
+    pairs = jax.tree.map(lambda m: pair(m, 1.0), lr_mult)
+  else:
+    pairs = jax.tree.map(pair, lr_mult, wd_mult)
+  is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and all(
+      isinstance(m, float) for m in x)
+  label = lambda p: f"lr_mult={p[0]},wd_mult={p[1]}"
+  groups = {label(p): group(*p) for p in jax.tree.leaves(pairs, is_leaf=is_pair)}
+  return optax.multi_transform(groups, jax.tree.map(label, pairs,
+                                                    is_leaf=is_pair))

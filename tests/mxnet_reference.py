@@ -1,0 +1,86 @@
+"""A plain-NumPy transcription of Apache MXNet's FTML (``ftml_update``).
+
+Written from MXNet's kernel (``src/operator/optimizer_op-inl.h``: FTMLKernel)
+and its Python optimizer, independently of ``optax_ftml``: every scalar is
+first cast to the weight dtype and each line is evaluated left to right with
+one rounding per operation. Hyperparameters may be arrays that broadcast
+against the weight, so a whole grid of settings runs in one call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass
+class FTMLSlots:
+  """MXNet's per-weight state: ``d`` (= d_{t-1}), ``v`` and ``z``."""
+
+  d: np.ndarray
+  v: np.ndarray
+  z: np.ndarray
+
+  @classmethod
+  def zeros_like(cls, weight: np.ndarray) -> FTMLSlots:
+    return cls(*(np.zeros_like(weight) for _ in range(3)))
+
+
+def preprocess_gradient(grad, weight, *, rescale_grad=1.0, clip_gradient=None,
+                        wd=0.0, mxnet_version=2):
+  """MXNet's gradient pre-processing inside ``ftml_update``.
+
+  ``clip_gradient`` follows the Python optimizer: it forwards only a truthy
+  value (else -1), and the kernel clips iff the value is ``>= 0``. An array
+  of clip values uses ``np.nan`` for "no clipping".
+  """
+  dtype = weight.dtype.type
+  rescale_grad, wd = dtype(rescale_grad), dtype(wd)
+  if clip_gradient is None or (np.ndim(clip_gradient) == 0 and not clip_gradient):
+    clip = dtype(-1)
+  else:
+    clip = np.asarray(np.where(np.isnan(clip_gradient), -1, clip_gradient), dtype)
+
+  def clipped(g):
+    return np.where(clip >= 0, np.clip(g, -np.abs(clip), np.abs(clip)), g)
+
+  if mxnet_version == 2:
+    g = rescale_grad * grad
+    g = clipped(g)
+    return g + wd * weight
+  return clipped(rescale_grad * grad + wd * weight)
+
+
+def ftml_update(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
+                beta2=0.999, epsilon=1e-8, **preprocessing):
+  """One MXNet ``ftml_update`` call; returns the new weight, updates slots."""
+  dtype = weight.dtype.type
+  lr, beta1, beta2, epsilon, t = (
+      np.asarray(x, dtype) for x in (lr, beta1, beta2, epsilon, t))
+  one = dtype(1)
+  g = preprocess_gradient(grad, weight, **preprocessing)
+  slots.v = beta2 * slots.v + (one - beta2) * (g * g)
+  d_t = ((one - np.power(beta1, t)) / lr) * (
+      np.sqrt(slots.v / (one - np.power(beta2, t))) + epsilon)
+  slots.z = (beta1 * slots.z + (one - beta1) * g) - (d_t - beta1 * slots.d) * weight
+  slots.d = d_t
+  return (-slots.z) / d_t
+
+
+def collapsed_trajectory(weight0, grads, lrs, beta1, beta2, epsilon):
+  """The spec's collapsed identity, in float64, for gradients fixed in advance.
+
+  ``w_t = w_{t-1} - lr_t (1 - b1) / (1 - b1**t) g_t / (sqrt(v_t / (1 - b2**t)) + eps)``
+  holds when nothing but FTML changes the weight.
+  """
+  w = np.asarray(weight0, np.float64)
+  v = np.zeros_like(w)
+  out = []
+  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    g = np.asarray(g, np.float64)
+    v = beta2 * v + (1 - beta2) * g * g
+    w = w - lr * (1 - beta1) / (1 - beta1**t) * g / (
+        np.sqrt(v / (1 - beta2**t)) + epsilon)
+    out.append(w)
+  return np.stack(out)
