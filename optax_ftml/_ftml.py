@@ -157,7 +157,10 @@ def ftml(
     from 0) leaves the parameters unchanged and stores the limit of the
     recursion as :math:`\eta_t \to 0` (:math:`d_t = \infty`): ``d_prev = 0``
     and ``z`` with the :math:`d_t` term dropped, so the next step continues
-    exactly as the limit of steps with vanishing learning rate would.
+    exactly as the limit of steps with vanishing learning rate would. Likewise,
+    with ``eps = 0`` an element whose gradients have all been zero has
+    :math:`d_t = 0` and a 0/0 step, taken as 0. No step produces a NaN from
+    finite inputs.
   * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
     float64 for float64 parameters), and the per-element arithmetic runs in
     at least float32, so bfloat16 and float16 parameters neither lose the
@@ -258,9 +261,10 @@ def ftml(
       t = count_inc.astype(real)
       beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
       rate = jnp.asarray(lr, real)
+      # As lr -> 0, d_t -> inf and the step vanishes; the next step depends on
+      # (z_t, d_t) only through z_t + d_t w_t, whose limit is stored by taking
+      # d_t = 0 (dropping it from z). d_t = 0 is then treated as "no step".
       frozen = rate == 0
-      # As lr -> 0, d_t -> inf. The step is then a no-op, and storing d_t = 0
-      # (dropping it from z) is the limit of the recursion at the next step.
       d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
 
       g, w_c = g.astype(compute), w.astype(compute)
@@ -269,7 +273,9 @@ def ftml(
       z_new = (beta1.astype(compute) * z.astype(compute)
                + (1 - beta1).astype(compute) * g) - (
                    d_t - beta1 * d_prev.astype(real)).astype(compute) * w_c
-      step = jnp.where(frozen, 0, -z_new / d_t.astype(compute) - w_c)
+      # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
+      # far): the step -(1 - b1) g / d_t is then 0/0, whose limit is 0.
+      step = jnp.where(d_t == 0, 0, -z_new / d_t.astype(compute) - w_c)
       return (step.astype(w.dtype), v_new.astype(v.dtype),
               z_new.astype(z.dtype), d_t.astype(d_prev.dtype))
 
