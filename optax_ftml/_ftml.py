@@ -154,11 +154,12 @@ def ftml(
     MXNet's schedulers see the count after incrementing (1 on the first
     step): to reproduce an MXNet schedule ``s`` pass ``lambda n: s(n + 1)``.
   * A step whose learning rate is exactly 0 (e.g. the first step of a warm-up
-    from 0) leaves the parameters unchanged and stores the limit of the
-    recursion as :math:`\eta_t \to 0` (:math:`d_t = \infty`): ``d_prev = 0``
-    and ``z`` with the :math:`d_t` term dropped, so the next step continues
-    exactly as the limit of steps with vanishing learning rate would. Likewise,
-    with ``eps = 0`` an element whose gradients have all been zero has
+    from 0) leaves the parameters unchanged. It stores the limit of the
+    recursion as :math:`\eta_t \to 0`: there :math:`d_t \to \infty` while
+    :math:`z_t + d_t w_t = 0`, which is all the next step uses of them, so
+    ``z = d_prev = 0`` (``v`` and ``count`` advance as usual); the next steps
+    are those that vanishing learning rates would give. Likewise, with
+    ``eps = 0`` an element whose gradients have all been zero has
     :math:`d_t = 0` and a 0/0 step, taken as 0. No step produces a NaN from
     finite inputs.
   * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
@@ -261,9 +262,9 @@ def ftml(
       t = count_inc.astype(real)
       beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
       rate = jnp.asarray(lr, real)
-      # As lr -> 0, d_t -> inf and the step vanishes; the next step depends on
-      # (z_t, d_t) only through z_t + d_t w_t, whose limit is stored by taking
-      # d_t = 0 (dropping it from z). d_t = 0 is then treated as "no step".
+      # As lr -> 0, d_t -> inf and the step vanishes, while z_t + d_t w_t = 0
+      # (all the next step uses of z_t and d_t): the limit state is
+      # z_t = d_t = 0. Taking d_t = 0 here leads there (see below).
       frozen = rate == 0
       d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
 
@@ -274,8 +275,11 @@ def ftml(
                + (1 - beta1).astype(compute) * g) - (
                    d_t - beta1 * d_prev.astype(real)).astype(compute) * w_c
       # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
-      # far): the step -(1 - b1) g / d_t is then 0/0, whose limit is 0.
-      step = jnp.where(d_t == 0, 0, -z_new / d_t.astype(compute) - w_c)
+      # far): the step -(1 - b1) g / d_t is then 0/0, taken as 0. Either way
+      # the weight stays and z = 0 keeps z + d_t w = 0.
+      degenerate = d_t == 0
+      step = jnp.where(degenerate, 0, -z_new / d_t.astype(compute) - w_c)
+      z_new = jnp.where(degenerate, 0, z_new)
       return (step.astype(w.dtype), v_new.astype(v.dtype),
               z_new.astype(z.dtype), d_t.astype(d_prev.dtype))
 

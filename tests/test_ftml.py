@@ -1,0 +1,348 @@
+"""Behaviour of ``ftml`` itself: validation, edge cases, memory, Optax wrappers."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mxnet_reference import FTMLSlots
+from mxnet_reference import collapsed_trajectory
+from mxnet_reference import ftml_update
+from optax_ftml import FTMLState
+from optax_ftml import ftml
+
+
+def run_steps(opt, params, grads_sequence):
+  """Applies ``opt`` to a fixed gradient sequence; returns all parameters."""
+
+  def step(carry, grads):
+    params, state = carry
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    return (params, state), params
+
+  (_, state), trajectory = jax.jit(lambda p, g: jax.lax.scan(
+      step, (p, opt.init(p)), g))(params, grads_sequence)
+  return trajectory, state
+
+
+# --- Validation -------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(learning_rate=0.0), ValueError, "learning_rate must be > 0"),
+    (dict(learning_rate=-1e-3), ValueError, r"learning_rate must be in \[0.0, inf\)"),
+    (dict(learning_rate=float("inf")), ValueError, "learning_rate"),
+    (dict(learning_rate=float("nan")), ValueError, "learning_rate"),
+    (dict(learning_rate="0.1"), TypeError, "learning_rate must be a real number"),
+    (dict(learning_rate=None), TypeError, "learning_rate"),
+    (dict(learning_rate=True), TypeError, "learning_rate"),
+    (dict(b1=-0.1), ValueError, r"b1 must be in \[0.0, 1.0\)"),
+    (dict(b1=1.0), ValueError, r"b1 must be in \[0.0, 1.0\)"),
+    (dict(b1=1 - 1e-9), ValueError, "b1=.* rounds to 1.0 in float32"),
+    (dict(b1=float("nan")), ValueError, "b1"),
+    (dict(b1=[0.9]), TypeError, "b1 must be a real number"),
+    (dict(b2=1.5), ValueError, r"b2 must be in \[0.0, 1.0\)"),
+    (dict(b2=1 - 1e-8), ValueError, "b2=.* rounds to 1.0 in float32"),
+    (dict(b2="0.999"), TypeError, "b2 must be a real number"),
+    (dict(eps=-1e-8), ValueError, r"eps must be in \[0.0, inf\)"),
+    (dict(eps=None), TypeError, "eps"),
+    (dict(state_dtype=jnp.int32), TypeError, "state_dtype must be a real floating"),
+    (dict(state_dtype=jnp.complex64), TypeError, "state_dtype"),
+])
+def test_bad_hyperparameters_fail_at_construction(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    ftml(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(b1=0.0, b2=0.0, eps=0.0), dict(b1=np.float32(0.9), b2=0.999999),
+    dict(learning_rate=jnp.asarray(0.1)), dict(learning_rate=np.float64(1e3)),
+    dict(state_dtype="bfloat16"),
+])
+def test_valid_edge_hyperparameters_are_accepted(kwargs):
+  ftml(**kwargs)
+
+
+def test_integer_parameters_are_rejected_at_init():
+  opt = ftml()
+  with pytest.raises(TypeError, match=r"parameter \['steps'\] has dtype int32"):
+    opt.init({"w": jnp.ones(2), "steps": jnp.zeros(2, jnp.int32)})
+
+
+def test_update_requires_params():
+  opt = ftml()
+  params = jnp.ones(3)
+  with pytest.raises(ValueError, match="needs the current parameters"):
+    opt.update(params, opt.init(params))
+
+
+def test_mismatched_trees_fail_loudly():
+  opt = ftml()
+  params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+  state = opt.init(params)
+  with pytest.raises(ValueError, match="gradients tree does not match"):
+    opt.update({"a": jnp.ones(2)}, state, params)
+  other_state = opt.init({"a": jnp.ones(2), "c": jnp.ones(3)})
+  with pytest.raises(ValueError, match="state tree does not match"):
+    opt.update(params, other_state, params)
+
+
+# --- Edge cases: lr = 0, eps = 0, t ----------------------------------------
+
+def test_warmup_from_zero_first_step_is_a_no_op():
+  schedule = optax.linear_schedule(0.0, 0.05, transition_steps=10)
+  opt = ftml(schedule)
+  params = {"w": jnp.array([1.0, -2.0, 0.0]), "b": jnp.zeros(())}
+  grads = {"w": jnp.array([0.5, -0.1, 2.0]), "b": jnp.asarray(1.0)}
+  with jax.numpy_dtype_promotion("standard"):  # optax's schedules promote
+    updates, state = opt.update(grads, opt.init(params), params)
+    chex.assert_trees_all_equal(updates, jax.tree.map(jnp.zeros_like, params))
+    chex.assert_tree_all_finite(state)
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    chex.assert_trees_all_equal((state.z, state.d_prev), (zeros, zeros))
+    updates, state = opt.update(grads, state, params)
+  chex.assert_tree_all_finite((updates, state))
+  assert float(jnp.abs(updates["w"]).min()) > 0
+
+
+def test_zero_learning_rate_step_is_the_limit_of_vanishing_rates():
+  """A step with lr = 0 continues like the float64 MXNet kernel run with a
+  tiny learning rate at that step, and unlike simply skipping the step."""
+  rng = np.random.RandomState(0)
+  steps, b1, b2, eps = 40, 0.6, 0.9, 1e-8
+  grads = rng.randn(steps, 16)
+  w0 = rng.randn(16)
+  lrs = np.full(steps, 0.05)
+  lrs[0] = 0.0
+
+  def reference(first_lr, skip_first=False):
+    w, slots, out = w0.copy(), FTMLSlots.zeros_like(w0), []
+    for t in range(steps):
+      if t == 0 and skip_first:
+        out.append(w)
+        continue
+      lr = first_lr if t == 0 else lrs[t]
+      w = ftml_update(w, grads[t], slots, lr=lr, t=t + 1, beta1=b1, beta2=b2,
+                      epsilon=eps)
+      out.append(w)
+    return np.stack(out)
+
+  with jax.enable_x64(True):
+    table = jnp.asarray(lrs)
+    ours, _ = run_steps(ftml(lambda count: table[count], b1, b2, eps),
+                        jnp.asarray(w0), jnp.asarray(grads))
+  ours = np.asarray(ours)
+  np.testing.assert_array_equal(ours[0], w0)
+  np.testing.assert_allclose(ours, reference(1e-9), atol=1e-7)
+  # The limit is not "skip the step": v and t advance at a zero-rate step.
+  assert np.abs(ours - reference(0.0, skip_first=True)).max() > 1e-3
+
+
+def test_zero_eps_with_zero_gradients_never_makes_nan():
+  opt = ftml(0.1, eps=0.0)
+  params = jnp.array([1.0, -1.0, 0.0])
+  grads = jnp.zeros((50, 3)).at[25:, 0].set(1.0)
+  trajectory, state = run_steps(opt, params, grads)
+  chex.assert_tree_all_finite((trajectory, state))
+  np.testing.assert_array_equal(trajectory[:25], np.broadcast_to(params, (25, 3)))
+  np.testing.assert_array_equal(trajectory[:, 1:], np.broadcast_to(params[1:], (50, 2)))
+  assert float(trajectory[-1, 0]) < 0  # the element with gradients moved
+
+
+def test_count_is_one_based_in_the_kernel_and_saturates():
+  opt = ftml(0.01)
+  params, grads = jnp.ones(4), jnp.full(4, 0.5)
+  state = opt.init(params)
+  assert state.count.dtype == jnp.int32 and int(state.count) == 0
+  # t = 1 on the first step: the bias-corrected step is exactly -lr * sign(g).
+  updates, state = opt.update(grads, state, params)
+  # (to the rounding of w + step near 1, ~6e-8)
+  np.testing.assert_allclose(updates, -0.01 * np.ones(4), rtol=0, atol=1e-7)
+  assert int(state.count) == 1
+  # At the int32 maximum the count stays there (t never wraps to 0 or below).
+  top = state._replace(count=jnp.asarray(np.iinfo(np.int32).max, jnp.int32))
+  updates, top = opt.update(grads, top, params)
+  assert int(top.count) == np.iinfo(np.int32).max
+  chex.assert_tree_all_finite((updates, top))
+
+
+# --- The collapsed identity and FTML's memory --------------------------------
+
+def test_float32_trajectory_matches_collapsed_identity():
+  rng = np.random.RandomState(1)
+  grads = rng.randn(300, 32).astype(np.float32)
+  w0 = rng.randn(32).astype(np.float32)
+  lrs = np.geomspace(0.05, 0.005, 300).astype(np.float32)
+  table = jnp.asarray(lrs)
+  ours, _ = run_steps(ftml(lambda c: table[c], 0.7, 0.99, 1e-8),
+                      jnp.asarray(w0), jnp.asarray(grads))
+  expected = collapsed_trajectory(w0, grads, lrs.astype(np.float64), 0.7, 0.99, 1e-8)
+  np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=2e-5)
+
+
+def test_weight_changed_outside_ftml_is_pulled_back_towards_the_leader():
+  """The z memory: after a weight is moved by something other than FTML, the
+  next step pulls it back by b1 * d_{t-1} / d_t of the displacement."""
+  rng = np.random.RandomState(3)
+  b1, b2, lr = 0.6, 0.999, 0.01
+  opt = ftml(lr, b1, b2)
+  params = jnp.asarray(rng.randn(8).astype(np.float32))
+  state = opt.init(params)
+  for _ in range(20):
+    grads = jnp.asarray(rng.randn(8).astype(np.float32))
+    updates, state = opt.update(grads, state, params)
+    params = optax.apply_updates(params, updates)
+  leader = -state.z / state.d_prev
+  np.testing.assert_allclose(leader, params, rtol=1e-5)
+
+  displacement = jnp.asarray(rng.randn(8).astype(np.float32))
+  moved = params + displacement
+  zero = jnp.zeros(8, jnp.float32)
+  updates, new_state = opt.update(zero, state, moved)
+  pulled = np.asarray(optax.apply_updates(moved, updates))
+
+  # Against the MXNet kernel run on the moved weight ...
+  slots = FTMLSlots(d=np.asarray(state.d_prev), v=np.asarray(state.v),
+                    z=np.asarray(state.z))
+  expected = ftml_update(np.asarray(moved), np.zeros(8, np.float32), slots, lr=lr,
+                         t=21, beta1=b1, beta2=b2)
+  np.testing.assert_allclose(pulled, expected, rtol=1e-5, atol=1e-6)
+  # ... and against the closed form of the pull-back.
+  ratio = b1 * np.asarray(state.d_prev) / np.asarray(new_state.d_prev)
+  np.testing.assert_allclose(pulled, moved - ratio * displacement, rtol=1e-4, atol=1e-5)
+  assert np.all(np.abs(pulled - np.asarray(params)) < np.abs(displacement))
+
+
+# --- dtypes, sharding, abstract init --------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_keeps_the_bias_correction(dtype):
+  """In bf16, 1 - 0.999 rounds to 0 and eps = 1e-8 to 0 in fp16; the kernel
+  computes in float32, so the first step is -lr * sign(g) as the math says."""
+  opt = ftml(0.01)
+  params = jnp.array([1.0, -1.0, 0.5, 0.0], dtype)
+  grads = jnp.array([0.25, -3.0, 0.0, 1e-3], dtype)
+  updates, state = opt.update(grads, opt.init(params), params)
+  assert updates.dtype == dtype
+  assert all(x.dtype == dtype for x in (state.v, state.z, state.d_prev))
+  np.testing.assert_allclose(np.asarray(updates, np.float32),
+                             [-0.01, 0.01, 0.0, -0.01], rtol=1e-2)
+
+
+def test_state_dtype_option():
+  opt = ftml(0.01, state_dtype=jnp.float32)
+  params = {"w": jnp.ones(3, jnp.bfloat16), "c": jnp.ones(2, jnp.complex64)}
+  state = opt.init(params)
+  assert state.v["w"].dtype == state.z["w"].dtype == jnp.float32
+  assert state.z["c"].dtype == jnp.complex64 and state.v["c"].dtype == jnp.float32
+  updates, new_state = opt.update(params, state, params)
+  assert updates["w"].dtype == jnp.bfloat16 and updates["c"].dtype == jnp.complex64
+  chex.assert_trees_all_equal_shapes_and_dtypes(new_state, state)
+
+
+def test_state_buffers_are_distinct_arrays():
+  """Donating the state needs v, z and d_prev to be separate buffers."""
+  state = ftml().init({"w": jnp.ones((4, 4))})
+  pointers = {x["w"].unsafe_buffer_pointer() for x in (state.v, state.z, state.d_prev)}
+  assert len(pointers) == 3
+
+
+def test_init_on_abstract_parameters_keeps_shapes_dtypes_and_sharding():
+  mesh = jax.make_mesh((8,), ("data",))
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+  abstract = {"w": jax.ShapeDtypeStruct((16, 3), jnp.bfloat16, sharding=sharding),
+              "b": jax.ShapeDtypeStruct((3,), jnp.float32)}
+  state = jax.eval_shape(ftml().init, abstract)
+  assert isinstance(state, FTMLState)
+  assert state.z["w"].shape == (16, 3) and state.z["w"].dtype == jnp.bfloat16
+  assert state.v["w"].sharding.spec[0] == "data"
+  assert state.v["b"].shape == (3,) and state.v["b"].dtype == jnp.float32
+  concrete = ftml().init(abstract)
+  assert concrete.d_prev["w"].sharding == sharding
+  params = jax.device_put(jnp.ones((16, 3)), sharding)
+  assert ftml().init(params).z.sharding == sharding
+
+
+def test_float64_parameters():
+  with jax.enable_x64(True):
+    rng = np.random.RandomState(4)
+    grads, w0 = rng.randn(100, 8), rng.randn(8)
+    ours, state = run_steps(ftml(0.02), jnp.asarray(w0), jnp.asarray(grads))
+    assert ours.dtype == jnp.float64 and state.v.dtype == jnp.float64
+  expected = collapsed_trajectory(w0, grads, np.full(100, 0.02), 0.6, 0.999, 1e-8)
+  np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-12, atol=1e-12)
+
+
+# --- Optax wrappers -----------------------------------------------------------
+
+def test_multisteps_applies_ftml_to_the_mean_gradient():
+  params = jnp.array([1.0, 2.0, -3.0])
+  micro = [jnp.array([0.1, -0.2, 0.3]), jnp.array([0.3, 0.0, -0.1])]
+  opt = optax.MultiSteps(ftml(0.01), every_k_schedule=2)
+  state = opt.init(params)
+  with jax.numpy_dtype_promotion("standard"):  # MultiSteps' own counters
+    updates, state = opt.update(micro[0], state, params)
+    chex.assert_trees_all_equal(updates, jnp.zeros(3))
+    updates, state = opt.update(micro[1], state, params)
+  plain = ftml(0.01)
+  expected, _ = plain.update((micro[0] + micro[1]) / 2, plain.init(params), params)
+  chex.assert_trees_all_close(updates, expected, rtol=1e-6)
+
+
+def test_apply_if_finite_skips_bad_steps_and_keeps_state_clean():
+  opt = optax.apply_if_finite(ftml(0.01), max_consecutive_errors=3)
+  params = jnp.array([1.0, 2.0])
+  state = opt.init(params)
+  updates, state = opt.update(jnp.array([0.5, -0.5]), state, params)
+  params = optax.apply_updates(params, updates)
+  good_inner = state.inner_state
+  updates, state = opt.update(jnp.array([jnp.nan, 1.0]), state, params)
+  chex.assert_trees_all_equal(updates, jnp.zeros(2))
+  chex.assert_trees_all_equal(state.inner_state, good_inner)
+  updates, state = opt.update(jnp.array([0.5, -0.5]), state, params)
+  chex.assert_tree_all_finite((updates, state))
+  assert int(state.inner_state.count) == 2
+
+
+def test_masked_and_multi_transform():
+  params = {"w": jnp.array([1.0, -1.0]), "b": jnp.array([0.5])}
+  grads = {"w": jnp.array([0.2, 0.4]), "b": jnp.array([1.0])}
+  plain = ftml(0.01)
+  expected, _ = plain.update(grads, plain.init(params), params)
+
+  masked = optax.masked(ftml(0.01), {"w": True, "b": False})
+  updates, _ = masked.update(grads, masked.init(params), params)
+  chex.assert_trees_all_close(updates["w"], expected["w"])
+  chex.assert_trees_all_equal(updates["b"], grads["b"])  # untouched by ftml
+
+  multi = optax.multi_transform({"ftml": ftml(0.01), "frozen": optax.set_to_zero()},
+                                {"w": "ftml", "b": "frozen"})
+  updates, _ = multi.update(grads, multi.init(params), params)
+  chex.assert_trees_all_close(updates["w"], expected["w"])
+  chex.assert_trees_all_equal(updates["b"], jnp.zeros(1))
+
+
+def test_inject_hyperparams_with_schedule_and_jit():
+  schedule = optax.exponential_decay(0.02, transition_steps=1, decay_rate=0.9)
+  rng = np.random.RandomState(5)
+  grads = jnp.asarray(rng.randn(30, 5).astype(np.float32))
+  w0 = jnp.asarray(rng.randn(5).astype(np.float32))
+  with jax.numpy_dtype_promotion("standard"):  # optax's schedules promote
+    injected, _ = run_steps(optax.inject_hyperparams(ftml)(learning_rate=schedule),
+                            w0, grads)
+    plain, _ = run_steps(ftml(schedule), w0, grads)
+  chex.assert_trees_all_close(injected, plain, rtol=1e-6)
+
+
+def test_chain_with_clipping_and_weight_decay():
+  opt = optax.chain(optax.clip_by_global_norm(1.0), optax.add_decayed_weights(1e-2),
+                    ftml(0.01))
+  params = {"w": jnp.ones((3, 3)), "b": jnp.zeros(3)}
+  grads = {"w": jnp.full((3, 3), 10.0), "b": jnp.ones(3)}
+  updates, _ = opt.update(grads, opt.init(params), params)
+  chex.assert_tree_all_finite(updates)
+  # At t = 1 the step is -lr * sign(g) whatever the clipping scale.
+  chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.01 * jnp.ones_like(x),
+                                                    params), rtol=1e-5)
