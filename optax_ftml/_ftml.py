@@ -10,7 +10,8 @@ References:
 from __future__ import annotations
 
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -202,9 +203,9 @@ def ftml(
     ...   updates, opt_state = solver.update(grad, opt_state, params)
     ...   params = optax.apply_updates(params, updates)
     ...   print(f"{f(params):.4f}")
-    13.1645
-    12.3600
-    11.5830
+    12.8300
+    12.1469
+    11.6127
 
   References:
     Zheng and Kwok, `Follow the Moving Leader in Deep Learning

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Hashable
 from typing import Any
 
 import jax
@@ -94,11 +95,13 @@ def mxnet_ftml(
   if clip_gradient is not None:
     clip_gradient = _real("clip_gradient", clip_gradient, -float("inf"))
 
-  def group(lr_multiplier: float, wd_multiplier: float):
+  def group(lr_multiplier: float,
+            wd_multiplier: float) -> optax.GradientTransformationExtraArgs:
     if lr_multiplier == 0:
-      return optax.set_to_zero()
+      return optax.with_extra_args_support(optax.set_to_zero())
     if callable(learning_rate):
-      rate = lambda count: lr_multiplier * learning_rate(count + 1)
+      schedule = learning_rate
+      rate = lambda count: lr_multiplier * schedule(count + 1)
     else:
       rate = learning_rate * lr_multiplier
     return optax.chain(
@@ -122,6 +125,7 @@ def mxnet_ftml(
   is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and all(
       isinstance(m, float) for m in x)
   label = lambda p: f"lr_mult={p[0]},wd_mult={p[1]}"
-  groups = {label(p): group(*p) for p in jax.tree.leaves(pairs, is_leaf=is_pair)}
+  groups: dict[Hashable, optax.GradientTransformation] = {
+      label(p): group(*p) for p in jax.tree.leaves(pairs, is_leaf=is_pair)}
   return optax.multi_transform(groups, jax.tree.map(label, pairs,
                                                     is_leaf=is_pair))

@@ -77,7 +77,7 @@ def collapsed_trajectory(weight0, grads, lrs, beta1, beta2, epsilon):
   w = np.asarray(weight0, np.float64)
   v = np.zeros_like(w)
   out = []
-  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+  for t, (g, lr) in enumerate(zip(grads, lrs, strict=True), start=1):
     g = np.asarray(g, np.float64)
     v = beta2 * v + (1 - beta2) * g * g
     w = w - lr * (1 - beta1) / (1 - beta1**t) * g / (

@@ -48,7 +48,7 @@ def mixed_tensors(dtype):
            jnp.array([[1.0, 0.0], [-1.0, 1.0]], dtype))
   initial = jax.tree.map(jnp.zeros_like, final)
   return initial, final, lambda p: sum(
-      jnp.sum(jnp.abs(x - y) ** 2) for x, y in zip(p, final))
+      jnp.sum(jnp.abs(x - y) ** 2) for x, y in zip(p, final, strict=True))
 
 
 def run(opt, params, objective, steps):
