@@ -1,0 +1,93 @@
+"""The demo: a short run end to end, its outputs, and its flag checking."""
+
+import jax
+import numpy as np
+import pytest
+
+demo = pytest.importorskip("optax_ftml.demo")
+
+
+def test_short_run_prints_table_and_writes_png(tmp_path, capsys):
+  output = tmp_path / "curves.png"
+  # optax.adam's bias correction raises b1 (a Python float) to an int32 count,
+  # which strict promotion rejects; FTML itself is checked strictly elsewhere.
+  with jax.numpy_dtype_promotion("standard"):
+    results = demo.main([
+        "--optimizers", "ftml", "adam", "sgd", "--lr", "ftml=0.01",
+        "--steps", "40", "--batch-size", "32", "--seed", "3",
+        "--output", str(output), "--no-progress"])
+
+  assert [r.name for r in results] == ["ftml", "adam", "sgd"]
+  assert [r.learning_rate for r in results] == [
+      0.01, demo.OPTIMIZERS["adam"][1], demo.OPTIMIZERS["sgd"][1]]
+  # Same initial weights and first batch for every optimizer.
+  assert results[0].losses[0] == results[1].losses[0] == results[2].losses[0]
+  for result in results:
+    assert result.losses.shape == (40,)
+    assert np.all(np.isfinite(result.losses))
+    assert 0 <= result.test_accuracy <= 1
+    assert result.steps_per_second > 0
+  ftml = results[0]
+  # 40 steps already take FTML well past chance (10%) on the digits.
+  assert ftml.train_loss < 0.5 * ftml.losses[0]
+  assert ftml.test_accuracy > 0.5
+
+  out = capsys.readouterr().out
+  lines = out.splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("optimizer"))
+  assert all(column in lines[header] for column in (
+      "final train loss", "test accuracy", "steps/s"))
+  rows = lines[header + 2:header + 5]
+  assert [row.split()[0] for row in rows] == ["ftml", "adam", "sgd"]
+  assert f"{100 * ftml.test_accuracy:.2f}%" in rows[0]
+  assert "JAX backend: cpu" in out
+  with open(output, "rb") as png:
+    assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_batches_cover_each_epoch_once():
+  indices = demo.batch_indices(num_examples=10, batch_size=3, steps=7, seed=0)
+  assert indices.shape == (7, 3)
+  # Three full batches per epoch; the leftover example is dropped.
+  for epoch in (indices[0:3], indices[3:6]):
+    assert len(np.unique(epoch)) == 9
+  np.testing.assert_array_equal(
+      indices, demo.batch_indices(num_examples=10, batch_size=3, steps=7,
+                                  seed=0))
+
+
+def test_digits_split_is_stratified_and_scaled():
+  data = demo.load_digits()
+  assert data.train_images.shape == (1437, 8, 8, 1)
+  assert data.test_images.shape == (360, 8, 8, 1)
+  assert data.train_images.dtype == np.float32
+  assert 0 <= data.train_images.min() and data.train_images.max() <= 1
+  assert set(np.unique(data.test_labels)) == set(range(10))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--optimizers", "ftml", "adamax"], "invalid choice: 'adamax'"),
+    (["--optimizers", "ftml", "ftml"], "may appear only once"),
+    (["--lr", "ftml=0"], "must be positive, got 0"),
+    (["--lr", "ftml=-1e-3"], "must be positive"),
+    (["--lr", "ftml=fast"], "expected a float"),
+    (["--lr", "0.01"], "expected OPTIMIZER=RATE"),
+    (["--lr", "foo=0.01"], "unknown optimizer 'foo'"),
+    (["--lr", "sgd=0.01"], "not among --optimizers"),
+    (["--steps", "0"], "must be positive"),
+    (["--steps", "1.5"], "expected a int"),
+    (["--batch-size", "-4"], "must be positive"),
+    (["--batch-size", "100000"], "exceeds the 1437 training examples"),
+    (["--output", "plot.pdf"], "must name a .png file"),
+    (["--output", "/nonexistent-dir/plot.png"],
+     "cannot be written: No such file or directory"),
+    (["--output", "/"], "must name a .png file"),
+    (["--output", "/proc/plot.png"], "cannot be written"),
+])
+def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    demo.main([*argv, "--no-progress"])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert "usage: python -m optax_ftml.demo" in err
+  assert message in err
