@@ -1,0 +1,408 @@
+"""Faults and bad input: non-finite and extreme gradients, extreme but valid
+hyperparameters, and mistakes in what is passed to ``update``.
+
+Expected values come from the NumPy transcription of MXNet's kernel, from the
+spec's collapsed identity, or from the mathematics of the step, never from
+the implementation itself.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ftml
+from mxnet_reference import FTMLSlots
+from mxnet_reference import collapsed_trajectory
+from mxnet_reference import ftml_update
+
+
+def trajectory(opt, params, grads):
+  """Parameters after each of the gradients ``grads`` (stacked on axis 0)."""
+
+  def step(carry, g):
+    p, state = carry
+    updates, state = opt.update(g, state, p)
+    p = optax.apply_updates(p, updates)
+    return (p, state), p
+
+  run = jax.jit(lambda p, gs: jax.lax.scan(step, (p, opt.init(p)), gs))
+  (_, state), ps = run(params, grads)
+  return ps, state
+
+
+def reference_trajectory(w0, grads, lrs, **kwargs):
+  """The NumPy kernel's weights after each gradient, and its final slots."""
+  w, slots, out = np.array(w0), FTMLSlots.zeros_like(np.array(w0)), []
+  for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+    w = ftml_update(w, g, slots, lr=lr, t=t, **kwargs)
+    out.append(w)
+  return np.stack(out), slots
+
+
+def all_finite(tree):
+  return all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(tree))
+
+
+# --- Non-finite gradients ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_gradient_propagates_like_optax(bad):
+  """Alone, a NaN/Inf gradient element gives a NaN update there, as in
+  ``optax.adam``; the other elements are unaffected."""
+  params = jnp.array([1.0, -2.0, 0.5, 3.0])
+  grad = jnp.array([0.3, bad, -1.0, 2.0], jnp.float32)
+  clean = grad.at[1].set(0.7)
+  opt = optax_ftml.ftml(0.01)
+  updates, state = opt.update(grad, opt.init(params), params)
+  clean_updates, _ = opt.update(clean, opt.init(params), params)
+  with jax.numpy_dtype_promotion("standard"):  # Optax's own bias correction.
+    adam_updates, _ = optax.adam(0.01).update(grad, optax.adam(0.01).init(params))
+  np.testing.assert_array_equal(np.isfinite(updates), np.isfinite(adam_updates))
+  assert np.isnan(updates[1])
+  keep = np.array([True, False, True, True])
+  np.testing.assert_array_equal(np.asarray(updates)[keep],
+                                np.asarray(clean_updates)[keep])
+  assert not np.isfinite(state.z[1])
+  assert all_finite(jax.tree.map(lambda x: x[keep], (state.v, state.z,
+                                                     state.d_prev)))
+
+
+def test_apply_if_finite_skips_bad_steps_and_training_resumes():
+  """Wrapped in ``optax.apply_if_finite``, a step with a NaN/Inf gradient
+  leaves parameters and state untouched; the trajectory is the one without
+  the bad steps (the step count included)."""
+  rng = np.random.RandomState(0)
+  steps, bad_steps = 60, {10: np.nan, 11: np.inf, 30: -np.inf}
+  grads = rng.randn(steps, 5).astype(np.float32)
+  poisoned = grads.copy()
+  for t, value in bad_steps.items():
+    poisoned[t, t % 5] = value
+  w0 = rng.randn(5).astype(np.float32)
+  opt = optax.apply_if_finite(optax_ftml.ftml(0.01, b1=0.7), max_consecutive_errors=5)
+  ps, state = trajectory(opt, jnp.asarray(w0), jnp.asarray(poisoned))
+  ps = np.asarray(ps)
+
+  good = [t for t in range(steps) if t not in bad_steps]
+  expected, slots = reference_trajectory(
+      w0, grads[good], np.full(len(good), 0.01, np.float32), beta1=0.7)
+  np.testing.assert_allclose(ps[good], expected, rtol=2e-6, atol=1e-7)
+  for t in bad_steps:
+    np.testing.assert_array_equal(ps[t], ps[t - 1] if t else w0)
+  assert int(state.total_notfinite) == len(bad_steps)
+  assert int(state.inner_state.count) == len(good)
+  assert all_finite(state.inner_state)
+  np.testing.assert_allclose(state.inner_state.z, slots.z, rtol=2e-6)
+
+
+# --- Overflowing, tiny and zero gradients -----------------------------------
+
+# sqrt(float32 max) = 1.84e19: above it, g * g overflows in v.
+OVERFLOWING = [1e20, -1e25, 3e38]
+
+
+@pytest.mark.parametrize("huge", OVERFLOWING)
+def test_gradient_whose_square_overflows_is_a_documented_failure(huge):
+  """|g| >= 1.9e19 makes v = inf in float32 (as in MXNet): the update is NaN
+  there and the state stays poisoned. ``apply_if_finite`` checks the
+  *incoming* gradients, which are finite, so it does not catch this."""
+  params = jnp.array([1.0, -2.0, 0.5])
+  grad = jnp.array([huge, 1.0, -1.0], jnp.float32)
+  plain = optax_ftml.ftml(0.01)
+  updates, state = plain.update(grad, plain.init(params), params)
+  assert np.isnan(updates[0]) and np.all(np.isfinite(updates[1:]))
+  assert np.isinf(state.v[0])
+
+  guarded = optax.apply_if_finite(optax_ftml.ftml(0.01), max_consecutive_errors=3)
+  updates, state = guarded.update(grad, guarded.init(params), params)
+  assert np.isnan(updates[0])
+  assert int(state.total_notfinite) == 0 and np.isinf(state.inner_state.v[0])
+
+
+def test_gradient_just_below_overflow_is_fine():
+  params = jnp.array([1.0, -2.0])
+  opt = optax_ftml.ftml(0.01)
+  updates, state = opt.update(jnp.array([1.8e19, -1.0]), opt.init(params), params)
+  assert all_finite((updates, state))
+  # The collapsed identity: v_1 = (1 - b2) g**2, so the first step is
+  # -lr g / (|g| + eps) = -lr sign(g) for any gradient size.
+  np.testing.assert_allclose(updates, [-0.01, 0.01], rtol=1e-5)
+
+
+@pytest.mark.parametrize("pre", ["clip", "clip_by_global_norm"])
+@pytest.mark.parametrize("huge", OVERFLOWING)
+def test_clipping_before_ftml_survives_overflowing_gradients(pre, huge):
+  """The recommended guard: clip before ``ftml``, and wrap the chain in
+  ``apply_if_finite`` for NaN/Inf gradients. Training continues finite."""
+  clip = {"clip": optax.clip(1.0), "clip_by_global_norm":
+          optax.clip_by_global_norm(1.0)}[pre]
+  opt = optax.apply_if_finite(optax.chain(clip, optax_ftml.ftml(0.01)),
+                              max_consecutive_errors=3)
+  rng = np.random.RandomState(1)
+  grads = rng.randn(40, 3).astype(np.float32)
+  grads[5, 0] = huge
+  grads[6, 1] = np.nan
+  ps, state = trajectory(opt, jnp.array([1.0, -2.0, 0.5]), jnp.asarray(grads))
+  assert all_finite((ps, state))
+  # Training went on after the bad steps.
+  assert np.all(np.asarray(ps[-1]) != np.asarray(ps[7]))
+
+
+@pytest.mark.parametrize("dtype,state_dtype", [
+    (jnp.float32, None),
+    (jnp.bfloat16, jnp.float32),
+    (jnp.float16, jnp.float32),
+])
+@pytest.mark.parametrize("eps", [1e-8, 0.0])
+def test_zero_gradients_for_100k_steps(dtype, state_dtype, eps):
+  """Zero gradients leave the parameters where they are: exactly with
+  ``eps = 0`` (every step is 0/0, taken as 0), and otherwise to within the
+  rounding of z while the bias correction settles (a few ulps, not a drift)."""
+  opt = optax_ftml.ftml(0.0025, eps=eps, state_dtype=state_dtype)
+  biggest = 6e4 if dtype == jnp.float16 else 3e38
+  w0 = jnp.concatenate([jnp.linspace(-3, 3, 61),
+                        jnp.array([0.0, 1e-30, -1e-4, biggest])]).astype(dtype)
+
+  def step(carry, _):
+    p, state = carry
+    updates, state = opt.update(jnp.zeros_like(p), state, p)
+    p = optax.apply_updates(p, updates)
+    return (p, state), jnp.all(jnp.isfinite(p))
+
+  run = jax.jit(lambda p: jax.lax.scan(step, (p, opt.init(p)), length=100_000))
+  (w, state), finite = run(w0)
+  assert bool(jnp.all(finite)) and all_finite(state)
+  w0, w = np.asarray(w0, np.float64), np.asarray(w, np.float64)
+  if eps == 0:
+    np.testing.assert_array_equal(w, w0)
+  else:
+    ulp = float(jnp.finfo(dtype).eps)
+    np.testing.assert_array_less(np.abs(w - w0), 4 * ulp * np.abs(w0) + 1e-37)
+
+
+def test_float16_state_is_unsafe_with_zero_gradients():
+  """Why float16 parameters want ``state_dtype=jnp.float32``: with zero (or
+  tiny) gradients d = eps (1 - b1**t) / lr is below float16's normal range,
+  z = -d w keeps 4-5 bits, and the leader -z/d jitters; large weights
+  overflow to inf within a few hundred steps."""
+  w0 = jnp.array([-3.0, 1.0, 2.5, -6e4], jnp.float16)
+
+  def run(state_dtype):
+    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
+
+    def step(carry, _):
+      p, state = carry
+      updates, state = opt.update(jnp.zeros_like(p), state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (w, _), _ = jax.jit(lambda p: jax.lax.scan(
+        step, (p, opt.init(p)), length=1000))(w0)
+    return np.asarray(w)
+
+  assert not np.all(np.isfinite(run(jnp.float16)))
+  np.testing.assert_array_equal(run(jnp.float32), np.asarray(w0))
+
+
+@pytest.mark.parametrize("tiny", [1e-30, -1e-38, 1e-45])
+def test_tiny_gradients_stay_finite_and_match_mxnet(tiny):
+  """|g| <= 1e-30: g * g underflows to 0 in float32, so d = eps-limited and
+  the steps are ~ g / eps * lr: finite, tiny, and what MXNet computes."""
+  rng = np.random.RandomState(2)
+  grads = (tiny * rng.choice([-1.0, 1.0], size=(200, 4))).astype(np.float32)
+  w0 = np.array([1.0, -1.0, 1e-3, 0.0], np.float32)
+  ps, state = trajectory(optax_ftml.ftml(0.01), jnp.asarray(w0), jnp.asarray(grads))
+  assert all_finite((ps, state))
+  expected, _ = reference_trajectory(w0, grads, np.full(200, 0.01, np.float32))
+  np.testing.assert_allclose(ps, expected, rtol=1e-6, atol=1e-30)
+
+
+def test_scale_invariance_with_eps_zero():
+  """With eps = 0 the step is invariant to the gradients' scale, down to
+  gradients whose square still is a normal float32 (|g| ~ 1e-15); below
+  that g * g underflows, v = 0 and the step is taken as 0 (0/0)."""
+  rng = np.random.RandomState(3)
+  grads = rng.randn(50, 6).astype(np.float32)
+  w0 = jnp.asarray(rng.randn(6).astype(np.float32))
+  opt = optax_ftml.ftml(0.01, eps=0.0)
+  unit, _ = trajectory(opt, w0, jnp.asarray(grads))
+  small, _ = trajectory(opt, w0, jnp.asarray(grads * np.float32(1e-15)))
+  np.testing.assert_allclose(small, unit, rtol=1e-5)
+  vanishing, state = trajectory(opt, w0, jnp.asarray(grads * np.float32(1e-30)))
+  np.testing.assert_array_equal(vanishing[-1], w0)
+  assert all_finite(state)
+
+
+# --- Extreme but valid hyperparameters ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["b1", "b2"])
+def test_beta_rounding_to_one_in_float32_is_rejected(name):
+  with pytest.raises(ValueError, match=rf"{name}=0.99999999 rounds to 1.0 in float32"):
+    optax_ftml.ftml(**{name: 1 - 1e-8})
+
+
+@pytest.mark.parametrize("kwargs,error,message", [
+    ({"b1": 1.0}, ValueError, r"b1 must be in \[0.0, 1.0\)"),
+    ({"b2": -0.1}, ValueError, r"b2 must be in \[0.0, 1.0\)"),
+    ({"eps": -1e-8}, ValueError, r"eps must be in \[0.0, inf\)"),
+    ({"learning_rate": 0.0}, ValueError, r"constant learning_rate must be > 0"),
+    ({"learning_rate": -1e-3}, ValueError, r"learning_rate must be in \[0.0, inf\)"),
+    ({"learning_rate": float("nan")}, ValueError, r"learning_rate must be in"),
+    ({"eps": float("inf")}, ValueError, r"eps must be in"),
+    ({"b1": None}, TypeError, r"b1 must be a real number"),
+    ({"state_dtype": jnp.int32}, TypeError, r"state_dtype must be a real floating"),
+])
+def test_invalid_hyperparameters_are_rejected_clearly(kwargs, error, message):
+  with pytest.raises(error, match=message):
+    optax_ftml.ftml(**kwargs)
+
+
+def test_largest_float32_beta2_below_one():
+  """b2 = 1 - 2**-24 is accepted; 1 - b2**t stays positive and the run
+  agrees with MXNet's float32 kernel."""
+  b2 = 1 - 2**-24
+  rng = np.random.RandomState(4)
+  grads = rng.randn(300, 8).astype(np.float32)
+  w0 = rng.randn(8).astype(np.float32)
+  ps, state = trajectory(optax_ftml.ftml(0.01, b2=b2), jnp.asarray(w0),
+                         jnp.asarray(grads))
+  assert all_finite((ps, state))
+  expected, _ = reference_trajectory(w0, grads, np.full(300, 0.01, np.float32),
+                                     beta2=b2)
+  np.testing.assert_allclose(ps, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_eps_zero_matches_mxnet_where_mxnet_is_defined():
+  """eps = 0: the kernel where gradients are non-zero; 0 instead of MXNet's
+  0/0 = NaN for an element whose gradients have all been zero."""
+  rng = np.random.RandomState(5)
+  grads = rng.randn(100, 4).astype(np.float32)
+  grads[:, 3] = 0
+  grads[:20, 2] = 0  # zero at first, then not
+  w0 = rng.randn(4).astype(np.float32)
+  ps, _ = trajectory(optax_ftml.ftml(0.01, eps=0.0), jnp.asarray(w0),
+                     jnp.asarray(grads))
+  with np.errstate(invalid="ignore", divide="ignore"):
+    expected, _ = reference_trajectory(w0, grads, np.full(100, 0.01, np.float32),
+                                       epsilon=0.0)
+  assert np.all(np.isnan(expected[:, 3])) and np.all(np.isnan(expected[:20, 2]))
+  np.testing.assert_allclose(ps[:, :2], expected[:, :2], rtol=1e-5)
+  np.testing.assert_array_equal(ps[:, 3], np.full(100, w0[3]))
+  np.testing.assert_array_equal(ps[:20, 2], np.full(20, w0[2]))
+  # Everywhere, the exact trajectory in the limit eps -> 0 (a tiny eps in
+  # float64 turns 0/0 into 0 and changes nothing else).
+  exact = collapsed_trajectory(w0, grads, np.full(100, 0.01), 0.6, 0.999, 1e-300)
+  np.testing.assert_allclose(ps, exact, rtol=1e-5, atol=1e-6)
+
+
+# Relative to the largest displacement: steps of 1e-12 on weights of size 1
+# keep ~4 of float64's digits, steps of 1e3 all of them.
+@pytest.mark.parametrize("learning_rate,tolerance", [(1e-12, 1e-3), (1e3, 1e-12)])
+def test_extreme_learning_rates_follow_the_math_in_float64(learning_rate, tolerance):
+  """In float64 the trajectory is the collapsed identity's, even for steps of
+  1e-12 on weights of size 1 or steps of ~1e3."""
+  rng = np.random.RandomState(6)
+  grads = rng.randn(100, 5)
+  w0 = rng.randn(5)
+  with jax.enable_x64(True):
+    ps, state = trajectory(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
+                           jnp.asarray(grads))
+    ps = np.asarray(ps)
+  assert ps.dtype == np.float64 and all_finite(state)
+  exact = collapsed_trajectory(w0, grads, np.full(100, learning_rate), 0.6,
+                               0.999, 1e-8)
+  moved = exact - w0
+  assert np.all(np.abs(moved[-1]) > 0.5 * learning_rate)
+  np.testing.assert_allclose(ps - w0, moved, rtol=0,
+                             atol=tolerance * np.abs(moved).max())
+
+
+@pytest.mark.parametrize("learning_rate", [1e-12, 1e3])
+def test_extreme_learning_rates_in_float32_are_as_accurate_as_mxnet(learning_rate):
+  """In float32 a 1e-12 step is below the weights' resolution: the weights
+  move by a few ulps at most, as in MXNet's kernel. With 1e3 the weights
+  reach ~1e4; against the exact trajectory both are off by float32 rounding,
+  this implementation no more than MXNet's kernel."""
+  rng = np.random.RandomState(7)
+  grads = rng.randn(100, 5).astype(np.float32)
+  w0 = rng.randn(5).astype(np.float32)
+  ps, state = trajectory(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
+                         jnp.asarray(grads))
+  assert all_finite((ps, state))
+  ps = np.asarray(ps)
+  mxnet32, _ = reference_trajectory(
+      w0, grads, np.full(100, learning_rate, np.float32))
+  exact = collapsed_trajectory(w0, grads, np.full(100, learning_rate), 0.6,
+                               0.999, 1e-8)
+  ours_error = np.abs(ps - exact).max()
+  mxnet_error = np.abs(mxnet32 - exact).max()
+  assert ours_error <= 1.5 * mxnet_error
+  assert ours_error < 1e-6 * np.abs(exact).max()
+  if learning_rate < 1:
+    assert np.all(np.abs(ps - w0) < 2e-6 * np.abs(w0))
+
+
+# --- Mistakes in what is passed to update -------------------------------------
+
+PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
+
+
+def test_missing_params_is_a_clear_error():
+  opt = optax_ftml.ftml()
+  with pytest.raises(ValueError, match=r"update needs the current parameters"):
+    opt.update(PARAMS, opt.init(PARAMS))
+
+
+def test_mismatched_gradient_tree_is_a_clear_error():
+  opt = optax_ftml.ftml()
+  grads = {"w": jnp.ones((2, 3)), "bias": jnp.zeros(3)}
+  with pytest.raises(ValueError, match=r"the gradients tree does not match the"
+                     r" parameters tree"):
+    opt.update(grads, opt.init(PARAMS), PARAMS)
+
+
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.uint8, jnp.bool_])
+def test_integer_parameters_are_a_clear_error(dtype):
+  params = {"w": jnp.ones(3), "steps": jnp.zeros(2, dtype)}
+  with pytest.raises(TypeError, match=rf"parameter \['steps'\] has dtype"
+                     rf" {jnp.dtype(dtype).name}; FTML needs floating"):
+    optax_ftml.ftml().init(params)
+
+
+@pytest.mark.parametrize("other", [
+    {"w": jnp.ones((2, 3))},
+    {"w": jnp.ones((2, 3)), "b": jnp.zeros(3), "extra": jnp.zeros(1)},
+    [jnp.ones((2, 3)), jnp.zeros(3)],
+    {"w": {"kernel": jnp.ones((2, 3))}, "b": jnp.zeros(3)},
+])
+def test_state_for_another_tree_fails_loudly(other):
+  """A state (e.g. a restored checkpoint) built for other parameters."""
+  opt = optax_ftml.ftml()
+  with pytest.raises(ValueError, match=r"the state tree does not match the"
+                     r" parameters tree"):
+    opt.update(PARAMS, opt.init(other), PARAMS)
+  with pytest.raises(ValueError, match=r"the state tree does not match"):
+    jax.jit(opt.update)(PARAMS, opt.init(other), PARAMS)
+
+
+def test_state_with_incompatible_leaf_shapes_fails():
+  opt = optax_ftml.ftml()
+  other = {"w": jnp.ones((3, 2)), "b": jnp.zeros(3)}
+  with pytest.raises((TypeError, ValueError)):
+    opt.update(PARAMS, opt.init(other), PARAMS)
+
+
+@pytest.mark.xfail(
+    reason="update checks the state's tree structure but not its leaf shapes;"
+    " a state whose leaves broadcast against the parameters is accepted",
+    strict=True)
+@pytest.mark.parametrize("other", [
+    {"w": jnp.ones((1, 3)), "b": jnp.zeros(3)},
+    {"w": jnp.ones(()), "b": jnp.zeros(())},
+])
+def test_state_with_broadcastable_leaf_shapes_fails_loudly(other):
+  opt = optax_ftml.ftml()
+  with pytest.raises(ValueError, match=r"shape"):
+    opt.update(PARAMS, opt.init(other), PARAMS)
