@@ -84,3 +84,34 @@ def collapsed_trajectory(weight0, grads, lrs, beta1, beta2, epsilon):
         np.sqrt(v / (1 - beta2**t)) + epsilon)
     out.append(w)
   return np.stack(out)
+
+
+def ftml_update_multi_precision(weight, grad, master, slots: FTMLSlots, **kwargs):
+  """MXNet's ``multi_precision=True`` path for a float16 weight.
+
+  ``Optimizer.update_multi_precision``: the gradient is cast to float32, the
+  float32 kernel (pre-processing included) runs on the float32 master copy
+  with float32 slots, and the float16 weight becomes the cast of the master.
+  Returns ``(new_weight, new_master)``; updates the (float32) slots.
+  """
+  master = ftml_update(master, grad.astype(np.float32), slots, **kwargs)
+  return master.astype(weight.dtype), master
+
+
+def ftml_update_low_precision(weight, grad, slots: FTMLSlots, **kwargs):
+  """A half-precision weight updated by the float32 kernel, Optax-style.
+
+  The weight, gradient and slots are widened to float32 (exactly), the
+  kernel runs in float32, the slots are rounded back to their own dtype, and
+  the weight is moved by its update rounded to the weight dtype, as
+  ``optax.apply_updates(w, updates)`` does: ``w + round(w_new - w)``, the sum
+  rounded to the weight dtype. Returns the new weight; updates the slots.
+  """
+  f32 = np.float32
+  wide = FTMLSlots(*(np.asarray(s, f32) for s in (slots.d, slots.v, slots.z)))
+  w32 = np.asarray(weight, f32)
+  new = ftml_update(w32, np.asarray(grad, f32), wide, **kwargs)
+  slots.d, slots.v, slots.z = (x.astype(s.dtype) for x, s in (
+      (wide.d, slots.d), (wide.v, slots.v), (wide.z, slots.z)))
+  step = (new - w32).astype(weight.dtype)
+  return (w32 + step.astype(f32)).astype(weight.dtype)

@@ -182,11 +182,13 @@ def test_zero_gradients_for_100k_steps(dtype, state_dtype, eps):
     np.testing.assert_array_less(np.abs(w - w0), 4 * ulp * np.abs(w0) + 1e-37)
 
 
-def test_float16_state_is_unsafe_with_zero_gradients():
-  """Why float16 parameters want ``state_dtype=jnp.float32``: with zero (or
-  tiny) gradients d = eps (1 - b1**t) / lr is below float16's normal range,
-  z = -d w keeps 4-5 bits, and the leader -z/d jitters; large weights
-  overflow to inf within a few hundred steps."""
+@pytest.mark.parametrize("gradient", [0.0, 300.0])
+def test_float16_state_is_unsafe(gradient):
+  """Why float16 parameters want ``state_dtype=jnp.float32``: d scales as
+  (|g| + eps) / lr and z as d * w, which float16 cannot hold. With zero
+  gradients d = eps (1 - b1**t) / lr is subnormal, z = -d w keeps a few
+  bits and the leader -z/d jitters until large weights overflow; with
+  |g| = 300 (lr = 0.0025) d overflows at the second step."""
   w0 = jnp.array([-3.0, 1.0, 2.5, -6e4], jnp.float16)
 
   def run(state_dtype):
@@ -194,7 +196,7 @@ def test_float16_state_is_unsafe_with_zero_gradients():
 
     def step(carry, _):
       p, state = carry
-      updates, state = opt.update(jnp.zeros_like(p), state, p)
+      updates, state = opt.update(jnp.full_like(p, gradient), state, p)
       return (optax.apply_updates(p, updates), state), None
 
     (w, _), _ = jax.jit(lambda p: jax.lax.scan(
@@ -202,7 +204,29 @@ def test_float16_state_is_unsafe_with_zero_gradients():
     return np.asarray(w)
 
   assert not np.all(np.isfinite(run(jnp.float16)))
-  np.testing.assert_array_equal(run(jnp.float32), np.asarray(w0))
+  with_float32_state = run(jnp.float32)
+  assert np.all(np.isfinite(with_float32_state))
+  if gradient == 0:
+    np.testing.assert_array_equal(with_float32_state, np.asarray(w0))
+
+
+def test_bfloat16_state_freezes_the_second_moment():
+  """bfloat16 keeps 8 bits: once v's decay by b2 = 0.999 per step is below
+  half an ulp, b2 * v rounds back to v. After the gradients shrink 100-fold
+  v stays ~8x too large (steps ~3x too small); a float32 state decays."""
+  grads = jnp.concatenate([jnp.ones((1000, 4)), jnp.full((3000, 4), 0.01)])
+
+  def final_v(state_dtype):
+    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
+    _, state = trajectory(opt, jnp.zeros(4, jnp.bfloat16),
+                          grads.astype(jnp.bfloat16))
+    return np.asarray(state.v, np.float32)
+
+  # v after the 3000 small gradients: 0.999**3000 * v_1000 + ~1e-4.
+  v_1000 = 1 - 0.999**1000
+  exact = 0.999**3000 * v_1000 + 1e-4 * (1 - 0.999**3000)
+  np.testing.assert_allclose(final_v(jnp.float32), exact, rtol=1e-3)
+  assert np.all(final_v(jnp.bfloat16) > 5 * exact)
 
 
 @pytest.mark.parametrize("tiny", [1e-30, -1e-38, 1e-45])
