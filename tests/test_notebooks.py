@@ -1,0 +1,43 @@
+"""Runs every notebook in colabs/ top to bottom, with few training steps."""
+
+import pathlib
+
+import nbclient
+import nbformat
+import pytest
+
+COLABS = pathlib.Path(__file__).parent.parent / "colabs"
+NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
+
+
+def test_all_notebooks_are_found():
+  assert {path.name for path in NOTEBOOKS} >= {
+      "quickstart.ipynb", "migrating_from_mxnet.ipynb", "scale_out.ipynb"}
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_committed_without_outputs(path):
+  notebook = nbformat.read(path, as_version=4)
+  nbformat.validate(notebook)
+  for cell in notebook.cells:
+    if cell.cell_type == "code":
+      assert cell.outputs == [] and cell.execution_count is None, path.name
+      # Self-contained: everything a notebook uses comes from installed packages.
+      for name in ("from tests", "import tests", "mxnet_reference"):
+        assert name not in cell.source, (path.name, name)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
+  monkeypatch.setenv("OPTAX_FTML_NOTEBOOK_STEPS", "30")
+  # scale_out.ipynb sets up its own simulated devices, as on a fresh machine.
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+  notebook = nbformat.read(path, as_version=4)
+  client = nbclient.NotebookClient(
+      notebook, timeout=300, kernel_name="python3",
+      resources={"metadata": {"path": str(tmp_path)}})
+  client.execute()  # raises CellExecutionError on the first failing cell
+
+  errors = [output for cell in notebook.cells if cell.cell_type == "code"
+            for output in cell.outputs if output.output_type == "error"]
+  assert not errors
