@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_robustness import trajectory
 
 import optax_ftml
 from mxnet_reference import FTMLSlots
@@ -29,18 +30,9 @@ def ulp(dtype):
   return float(jnp.finfo(dtype).eps)
 
 
-def scan_steps(opt, params, grads, gradient_fn=None):
-  """Parameters after each step; gradients given or computed per step."""
-
-  def step(carry, x):
-    p, state = carry
-    g = x if gradient_fn is None else gradient_fn(p, x)
-    updates, state = opt.update(g, state, p)
-    p = optax.apply_updates(p, updates)
-    return (p, state), p
-
-  run = jax.jit(lambda p, xs: jax.lax.scan(step, (p, opt.init(p)), xs))
-  (_, state), ps = run(params, grads)
+def scan_steps(opt, params, xs, gradient_fn=None):
+  """:func:`trajectory`, with the parameters widened to float32 for NumPy."""
+  ps, state = trajectory(opt, params, xs, gradient_fn)
   return np.asarray(ps, np.float32), state
 
 

@@ -40,7 +40,8 @@ def problems(draw, steps=None, min_gradient=1e-3, max_gradient=1e3,
   rng = np.random.RandomState(draw(st.integers(0, 2**32 - 1)))
   # Gradients of a per-element magnitude, random signs and some spread.
   scale = draw(log_uniform(min_gradient, max_gradient))
-  grads = scale * rng.uniform(0.5, 2, (steps, *shape)) * rng.choice([-1, 1], (steps, *shape))
+  size = (steps, *shape)
+  grads = scale * rng.uniform(0.5, 2, size) * rng.choice([-1, 1], size)
   return {
       "w0": draw(log_uniform(1e-2, max_weight)) * rng.randn(*shape),
       "grads": grads,
@@ -83,7 +84,7 @@ def reference(p, dtype, lrs=None, update=ftml_update, state_dtype=None, **kwargs
   slots = FTMLSlots(*(np.zeros(w.shape, state_dtype or dtype),) * 3)
   lrs = np.full(len(p["grads"]), p["lr"]) if lrs is None else lrs
   out = []
-  for t, (g, lr) in enumerate(zip(p["grads"], lrs), start=1):
+  for t, (g, lr) in enumerate(zip(p["grads"], lrs, strict=True), start=1):
     w = update(w, np.asarray(g, dtype), slots, lr=lr, t=t, beta1=p["b1"],
                beta2=p["b2"], epsilon=p["eps"], **kwargs)
     out.append(w)

@@ -38,7 +38,7 @@ def param_shardings(mesh):
 def sharded_params(mesh, seed=0):
   keys = jax.random.split(jax.random.key(seed), len(SPECS))
   params = {k: jax.random.normal(key, shape, dtype)
-            for key, (k, (shape, dtype, _)) in zip(keys, SPECS.items())}
+            for key, (k, (shape, dtype, _)) in zip(keys, SPECS.items(), strict=True)}
   return jax.device_put(params, param_shardings(mesh))
 
 
@@ -47,7 +47,7 @@ def same_sharding(actual, expected, ndim):
 
 
 def assert_sharded_like(tree, params):
-  for leaf, param in zip(jax.tree.leaves(tree), jax.tree.leaves(params)):
+  for leaf, param in zip(jax.tree.leaves(tree), jax.tree.leaves(params), strict=True):
     assert leaf.shape == param.shape
     assert same_sharding(leaf.sharding, param.sharding, param.ndim), (
         leaf.sharding, param.sharding)
@@ -124,7 +124,7 @@ def test_eval_shape_on_sharded_abstract_params_keeps_the_shardings():
   mesh = make_mesh(AxisType.Explicit)
   abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
               for (k, (shape, dtype, _)), s in zip(
-                  SPECS.items(), param_shardings(mesh).values())}
+                  SPECS.items(), param_shardings(mesh).values(), strict=True)}
   state = jax.eval_shape(OPTIMIZER.init, abstract)
   for buffer in (state.v, state.z, state.d_prev):
     for k, leaf in buffer.items():
