@@ -27,7 +27,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
+
+try:
+  import sklearn.datasets
+  import sklearn.model_selection
+  import tqdm.auto
+  from flax import nnx
+  from matplotlib.figure import Figure
+except ImportError as error:
+  raise ImportError(
+      f"The demo needs {error.name}: pip install \"optax_ftml[demo]\"") from error
 
 from optax_ftml import ftml
 
@@ -62,14 +71,12 @@ class Digits:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
   """scikit-learn's 1797 8x8 digits as NHWC float32 in [0, 1], stratified split."""
-  from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415
-  from sklearn.model_selection import train_test_split  # noqa: PLC0415
-
-  data = sklearn_digits()
+  data = sklearn.datasets.load_digits()
   images = (data.images / 16.0).astype(np.float32)[..., None]
   labels = data.target.astype(np.int32)
-  split = train_test_split(images, labels, test_size=test_fraction,
-                           random_state=seed, stratify=labels)
+  split = sklearn.model_selection.train_test_split(
+      images, labels, test_size=test_fraction, random_state=seed,
+      stratify=labels)
   return Digits(*(split[i] for i in (0, 2, 1, 3)))
 
 
@@ -144,8 +151,6 @@ def train(name: str, learning_rate: float, data: Digits, steps: int,
           batch_size: int, seed: int, num_evals: int = 20,
           progress: bool = True) -> RunResult:
   """Trains a fresh :class:`CNN` with one optimizer; the seed fixes everything."""
-  from tqdm.auto import tqdm  # noqa: PLC0415
-
   make_optimizer, _ = OPTIMIZERS[name]
   model = CNN(nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, make_optimizer(learning_rate),
@@ -158,8 +163,8 @@ def train(name: str, learning_rate: float, data: Digits, steps: int,
 
   losses, eval_steps, accuracies = [], [], []
   first_step_done = time.perf_counter()
-  bar = tqdm(range(steps), desc=f"{name:>9}", unit="step", disable=not progress,
-             leave=True, file=sys.stdout)
+  bar = tqdm.auto.tqdm(range(steps), desc=f"{name:>9}", unit="step",
+                       disable=not progress, file=sys.stdout)
   for step in bar:
     batch = jnp.asarray(indices[step])
     losses.append(train_step(model, optimizer, train_images[batch],
@@ -197,12 +202,9 @@ def smooth(values: np.ndarray, window: int) -> np.ndarray:
 
 def plot(results: Sequence[RunResult], path: str, title: str) -> None:
   """Writes the smoothed training losses and the test accuracies as a PNG."""
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(11, 4))
+  # A Figure without pyplot renders with Agg and leaves pyplot's backend alone.
+  fig = Figure(figsize=(11, 4))
+  loss_ax, acc_ax = fig.subplots(1, 2)
   for result in results:
     label = f"{result.name} (lr={result.learning_rate:g})"
     window = max(1, len(result.losses) // 50)
@@ -220,7 +222,6 @@ def plot(results: Sequence[RunResult], path: str, title: str) -> None:
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, format="png", dpi=120)
-  plt.close(fig)
 
 
 def format_table(results: Sequence[RunResult]) -> str:
@@ -233,7 +234,7 @@ def format_table(results: Sequence[RunResult]) -> str:
             for i in range(len(header))]
   line = lambda row: "  ".join(
       cell.ljust(w) if i == 0 else cell.rjust(w)
-      for i, (cell, w) in enumerate(zip(row, widths)))
+      for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
   return "\n".join([line(header), "  ".join("-" * w for w in widths),
                     *map(line, rows)])
 

@@ -4,14 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
-nnx = pytest.importorskip("flax.nnx")
-ocp = pytest.importorskip("orbax.checkpoint")
-demo = pytest.importorskip("optax_ftml.demo")
-
-from optax_ftml import FTMLState  # noqa: E402
-from optax_ftml import ftml  # noqa: E402
+from optax_ftml import FTMLState
+from optax_ftml import demo
+from optax_ftml import ftml
 
 STEPS = 12
 CHECKPOINT_STEP = 5
@@ -42,7 +41,8 @@ def batches():
 
 def assert_trees_equal(actual, expected):
   assert jax.tree.structure(actual) == jax.tree.structure(expected)
-  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected),
+                  strict=True):
     assert a.dtype == e.dtype
     np.testing.assert_array_equal(a, e)
 
@@ -60,7 +60,7 @@ def test_restore_into_abstract_target_keeps_state_types(tmp_path, batches):
     return optax.apply_updates(params, updates), opt_state
 
   opt_state = TX.init(params)
-  for images, labels in zip(*(b[:3] for b in batches)):
+  for images, labels in zip(*(b[:3] for b in batches), strict=True):
     params, opt_state = train_step(params, opt_state, images, labels)
   saved = {"params": params, "opt_state": opt_state}
 
@@ -83,7 +83,7 @@ def test_restore_into_abstract_target_keeps_state_types(tmp_path, batches):
 def test_resumed_training_is_bit_identical(tmp_path, batches):
   model, optimizer = make_model_and_optimizer(seed=0)
   with ocp.CheckpointManager(tmp_path) as manager:
-    for step, (images, labels) in enumerate(zip(*batches)):
+    for step, (images, labels) in enumerate(zip(*batches, strict=True)):
       if step == CHECKPOINT_STEP:
         manager.save(step, args=ocp.args.StandardSave(
             training_state(model, optimizer)))
@@ -104,6 +104,6 @@ def test_resumed_training_is_bit_identical(tmp_path, batches):
   assert step == CHECKPOINT_STEP
   assert isinstance(optimizer.opt_state[1], FTMLState)
   assert int(optimizer.opt_state[1].count) == int(optimizer.step[...]) == step
-  for images, labels in zip(*(b[step:] for b in batches)):
+  for images, labels in zip(*(b[step:] for b in batches), strict=True):
     demo.train_step(model, optimizer, images, labels)
   assert_trees_equal(training_state(model, optimizer), uninterrupted)

@@ -1,9 +1,12 @@
 """The demo: a short run end to end, its outputs, and its flag checking."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
-demo = pytest.importorskip("optax_ftml.demo")
+from optax_ftml import demo
 
 
 def test_short_run_prints_table_and_writes_png(tmp_path, capsys):
@@ -86,3 +89,15 @@ def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
   err = capsys.readouterr().err
   assert "usage: python -m optax_ftml.demo" in err
   assert message in err
+
+
+def test_package_imports_without_the_demo_dependencies():
+  # None in sys.modules makes any import of that package fail.
+  blocked = ("flax", "sklearn", "matplotlib", "tqdm", "orbax")
+  code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
+          " import optax_ftml; optax_ftml.ftml(); optax_ftml.mxnet_ftml()\n"
+          "try:\n  import optax_ftml.demo\n"
+          "except ImportError as error:\n  print(error)")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True)
+  assert 'pip install "optax_ftml[demo]"' in result.stdout

@@ -1,18 +1,17 @@
-"""FTML inside Flax training loops: NNX's ``nnx.Optimizer`` and linen's ``TrainState``."""
+"""FTML in Flax training loops: NNX's ``nnx.Optimizer``, linen's ``TrainState``."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen
+from flax import nnx
+from flax.training import train_state
 
-nnx = pytest.importorskip("flax.nnx")
-linen = pytest.importorskip("flax.linen")
-train_state = pytest.importorskip("flax.training.train_state")
-demo = pytest.importorskip("optax_ftml.demo")
-
-from optax_ftml import FTMLState  # noqa: E402
-from optax_ftml import ftml  # noqa: E402
+from optax_ftml import FTMLState
+from optax_ftml import demo
+from optax_ftml import ftml
 
 STEPS = 150
 BATCH_SIZE = 64
@@ -65,7 +64,7 @@ def test_nnx_optimizer_trains_the_digits_cnn(digits):
   optimizer = nnx.Optimizer(model, ftml(learning_rate=0.0025), wrt=nnx.Param)
   images, labels = batches(digits)
   losses = [demo.train_step(model, optimizer, x, y)
-            for x, y in zip(images, labels)]
+            for x, y in zip(images, labels, strict=True)]
 
   _, accuracy = demo.evaluate(model, digits.test_images, digits.test_labels)
   assert float(accuracy) >= TARGET_ACCURACY
