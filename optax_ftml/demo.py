@@ -51,7 +51,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation],
     "adabelief": (optax.adabelief, 0.001),
     "rmsprop": (optax.rmsprop, 0.001),
     "adagrad": (optax.adagrad, 0.05),
-    "lion": (optax.lion, 0.0001),
+    "lion": (optax.lion, 0.0003),
     "sgd": (optax.sgd, 0.1),
     "momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02),
 }
@@ -71,13 +71,14 @@ class Digits:
 
 def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
   """scikit-learn's 1797 8x8 digits as NHWC float32 in [0, 1], stratified split."""
-  data = sklearn.datasets.load_digits()
-  images = (data.images / 16.0).astype(np.float32)[..., None]
-  labels = data.target.astype(np.int32)
-  split = sklearn.model_selection.train_test_split(
-      images, labels, test_size=test_fraction, random_state=seed,
-      stratify=labels)
-  return Digits(*(split[i] for i in (0, 2, 1, 3)))
+  pixels, digits = sklearn.datasets.load_digits(return_X_y=True)
+  images = (np.asarray(pixels) / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
+  labels = np.asarray(digits, np.int32)
+  train_images, test_images, train_labels, test_labels = (
+      np.asarray(part) for part in sklearn.model_selection.train_test_split(
+          images, labels, test_size=test_fraction, random_state=seed,
+          stratify=labels))
+  return Digits(train_images, train_labels, test_images, test_labels)
 
 
 class CNN(nnx.Module):
@@ -267,7 +268,9 @@ def _learning_rate(text: str) -> tuple[str, float]:
 def make_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
       prog="python -m optax_ftml.demo",
-      description=__doc__.split("\n\n")[0],
+      description="Trains a small Flax NNX CNN on scikit-learn's digits with"
+      " FTML and other Optax optimizers, from the same initial weights and"
+      " batches; prints a summary table and writes a plot of the curves.",
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument(
       "--optimizers", nargs="+", default=["ftml", "adam"],
@@ -279,7 +282,8 @@ def make_parser() -> argparse.ArgumentParser:
       + ", ".join(f"{n}={lr:g}" for n, (_, lr) in OPTIMIZERS.items()))
   parser.add_argument("--steps", type=_positive(int), default=2000,
                       help="training steps per optimizer")
-  parser.add_argument("--batch-size", type=_positive(int), default=64)
+  parser.add_argument("--batch-size", type=_positive(int), default=64,
+                      help="examples per step")
   parser.add_argument("--seed", type=int, default=0,
                       help="seed of the initial weights, batches and split")
   parser.add_argument("--output", default="ftml_demo.png",
