@@ -26,9 +26,9 @@ def test_short_run_prints_table_and_writes_png(tmp_path, capsys):
     assert 0 <= result.test_accuracy <= 1
     assert result.steps_per_second > 0
   ftml = results[0]
-  # 40 steps already take FTML well past chance (10%) on the digits.
+  # 40 steps already take FTML far past chance (10%) on the digits.
   assert ftml.train_loss < 0.5 * ftml.losses[0]
-  assert ftml.test_accuracy > 0.5
+  assert ftml.test_accuracy > 0.8
 
   out = capsys.readouterr().out
   lines = out.splitlines()
