@@ -31,7 +31,7 @@ import optax
 try:
   import sklearn.datasets
   import sklearn.model_selection
-  import tqdm.auto
+  import tqdm
   from flax import nnx
   from matplotlib.figure import Figure
 except ImportError as error:
@@ -165,8 +165,8 @@ def train(name: str, learning_rate: float, data: Digits, steps: int,
   # Evaluating the initial model also compiles `evaluate` outside the timing.
   losses, eval_steps, accuracies = [], [0], [evaluate(model, *test)[1]]
   first_step_done = time.perf_counter()
-  bar = tqdm.auto.tqdm(range(steps), desc=f"{name:>9}", unit="step",
-                       disable=not progress, file=sys.stdout)
+  bar = tqdm.tqdm(range(steps), desc=f"{name:>9}", unit="step",
+                  disable=not progress, file=sys.stdout)
   for step in bar:
     batch = jnp.asarray(indices[step])
     losses.append(train_step(model, optimizer, train_images[batch],
