@@ -95,7 +95,7 @@ def test_jit_with_explicit_in_and_out_shardings(axis_type):
                  out_shardings=state_sharding)
   update = jax.jit(OPTIMIZER.update,
                    in_shardings=(shardings, state_sharding, shardings),
-                   out_shardings=(shardings, state_sharding), donate_argnums=1)
+                   out_shardings=(shardings, state_sharding))
   with jax.set_mesh(mesh):
     state = init(params)
     for buffer in (state.v, state.z, state.d_prev):
