@@ -346,3 +346,18 @@ def test_chain_with_clipping_and_weight_decay():
   # At t = 1 the step is -lr * sign(g) whatever the clipping scale.
   chex.assert_trees_all_close(updates, jax.tree.map(lambda x: -0.01 * jnp.ones_like(x),
                                                     params), rtol=1e-5)
+
+
+def test_construction_inside_traced_functions():
+  """Flax builds optimizers under nnx.eval_shape / nnx.jit: validation must
+  not concretize Python hyperparameters."""
+  params = {"w": jnp.ones((2, 3))}
+  state = jax.eval_shape(lambda: ftml(0.01, b1=0.6, b2=0.999).init(params))
+  assert isinstance(state, FTMLState)
+
+  @jax.jit
+  def step(params):
+    opt = ftml(0.01)
+    return opt.update(params, opt.init(params), params)[0]
+
+  chex.assert_tree_all_finite(step(params))
