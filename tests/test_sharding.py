@@ -107,7 +107,8 @@ def test_jit_with_explicit_in_and_out_shardings(axis_type):
 
   # The same numbers as the same program on one device, up to an ulp where
   # XLA fuses the partitioned program differently.
-  local = jax.device_put((params, grads), jax.devices()[0])
+  local = jax.device_put(jax.tree.map(np.asarray, (params, grads)),
+                         jax.devices()[0])
   local_updates, local_state = jax.jit(OPTIMIZER.update)(
       local[1], OPTIMIZER.init(local[0]), local[0])
 
