@@ -33,6 +33,66 @@ class FTMLState(NamedTuple):
   """The diagonal ``d_{t-1}`` of the previous step (real)."""
 
 
+class FTMLLeanState(NamedTuple):
+  """State of :func:`ftml` with ``recompute_d_prev=True``: Adam's memory."""
+
+  count: jax.Array
+  """Number of updates applied so far (``int32``, saturating)."""
+  v: optax.Updates
+  """Exponential moving average of the squared gradient magnitude (real)."""
+  z: optax.Updates
+  """FTML's linear term: the moving leader is ``-z / d_prev``."""
+  prev_learning_rate: jax.Array
+  """The learning rate of the previous step (0 before the first), from which
+  and ``v`` the previous diagonal ``d_prev`` is recomputed."""
+
+
+class _Coefficients(NamedTuple):
+  """The per-step scalars of the update, in one real dtype.
+
+  MXNet evaluates them per element in the weight dtype; they depend only on
+  the step, so computing them once per step gives the same roundings.
+  """
+
+  real: Any
+  beta1: jax.Array
+  beta2: jax.Array
+  one_minus_beta1: jax.Array
+  one_minus_beta2: jax.Array
+  d_scale: jax.Array
+  """``(1 - b1**t) / lr``, and 0 where ``lr = 0``."""
+  inv_bias2: jax.Array
+  """``1 / (1 - b2**t)``, and 0 where ``t = 0`` (so that ``d_0 = 0``)."""
+  eps: jax.Array
+
+  @classmethod
+  def at(cls, t: jax.Array, lr: Any, b1: Any, b2: Any, eps: Any,
+         real: Any) -> _Coefficients:
+    """The scalars of the 1-based step ``t`` with learning rate ``lr``."""
+    first = t == 0
+    t = t.astype(real)
+    beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
+    rate = jnp.asarray(lr, real)
+    # As lr -> 0, d_t -> inf and the step vanishes, while z_t + d_t w_t = 0
+    # (all the next step uses of z_t and d_t): the limit state is
+    # z_t = d_t = 0. Taking d_t = 0 here leads there.
+    frozen = rate == 0
+    d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
+    inv_bias2 = jnp.where(first, 0, 1 / (1 - beta2**t))
+    return cls(real, beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2,
+               jnp.asarray(eps, real))
+
+  def second_moment(self, v: jax.Array, g: jax.Array) -> jax.Array:
+    """``v_t`` from ``v_{t-1}`` and the gradient."""
+    return self.beta2 * v + self.one_minus_beta2 * jnp.real(g * jnp.conj(g))
+
+  def diagonal(self, v: jax.Array) -> jax.Array:
+    """``d_t`` from ``v_t``."""
+    # XLA rewrites a division by a broadcast scalar into this product; writing
+    # it out makes every computation of d_t round the same way.
+    return self.d_scale * (jnp.sqrt(v * self.inv_bias2) + self.eps)
+
+
 def _is_concrete_real(value: Any) -> bool:
   """Whether ``value`` is a Python or NumPy real number that can be checked."""
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -119,6 +179,8 @@ def ftml(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     state_dtype: jax.typing.DTypeLike | None = None,
+    *,
+    recompute_d_prev: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Follow the Moving Leader (FTML) optimizer, as computed by MXNet.
 
@@ -171,6 +233,14 @@ def ftml(
     the parameters' and the state's dtypes.
   * Complex parameters use :math:`|g|^2` in :math:`v`; ``v`` and ``d_prev``
     are real.
+  * ``recompute_d_prev=True`` stores two buffers per parameter, as Adam does,
+    instead of three: the state is :class:`FTMLLeanState` ``(count, v, z,
+    prev_learning_rate)``, and each step recomputes ``d_prev`` from the
+    previous ``v``, step and learning rate with the operations that first
+    computed it. The trajectory is the default state's (to rounding: XLA may
+    contract the multiply-adds of ``v`` differently, at most 1 ulp per step),
+    steps with a learning rate of 0 and ``eps = 0`` included (both give
+    ``d_prev = 0`` again).
 
   Args:
     learning_rate: a positive float, or a schedule mapping the update count to
@@ -182,6 +252,9 @@ def ftml(
     state_dtype: optional floating dtype of ``v``, ``z`` and ``d_prev`` (e.g.
       ``jnp.float32`` for bfloat16 parameters); by default the parameters'
       dtype (its real part for ``v`` and ``d_prev``).
+    recompute_d_prev: keyword only; if true, recompute ``d_prev`` at each
+      step instead of storing it (see above): Adam's memory, and about 20%
+      less memory traffic per step than the default state.
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`. Its
@@ -223,8 +296,11 @@ def ftml(
     if not jnp.issubdtype(state_dtype, jnp.floating):
       raise TypeError(
           f"ftml: state_dtype must be a real floating dtype, got {state_dtype}.")
+  if not isinstance(recompute_d_prev, bool):
+    raise TypeError(
+        f"ftml: recompute_d_prev must be a bool, got {recompute_d_prev!r}.")
 
-  def init_fn(params: optax.Params) -> FTMLState:
+  def init_fn(params: optax.Params) -> FTMLState | FTMLLeanState:
     _check_params_dtypes(params)
 
     def zeros(dtype_index: int):
@@ -233,14 +309,22 @@ def ftml(
               p, dtype=_buffer_dtypes(p.dtype, state_dtype)[dtype_index]),
           params)
 
-    # Three separate zeros trees: buffers must not alias so that donating the
-    # state to a jitted step can reuse each of them in place.
-    return FTMLState(count=jnp.zeros([], jnp.int32), v=zeros(1), z=zeros(0),
-                     d_prev=zeros(1))
+    # Separate zeros trees: buffers must not alias so that donating the state
+    # to a jitted step can reuse each of them in place.
+    count = jnp.zeros([], jnp.int32)
+    if recompute_d_prev:
+      # The learning rate is kept in the widest dtype the update computes in.
+      reals = (_real_dtype(_promote(p.dtype, _buffer_dtypes(
+          p.dtype, state_dtype)[0], jnp.float32)) for p in jax.tree.leaves(params))
+      return FTMLLeanState(count=count, v=zeros(1), z=zeros(0),
+                           prev_learning_rate=jnp.zeros([], _promote(
+                               jnp.float32, *reals)))
+    return FTMLState(count=count, v=zeros(1), z=zeros(0), d_prev=zeros(1))
 
-  def update_fn(updates: optax.Updates, state: FTMLState,
+  def update_fn(updates: optax.Updates, state: FTMLState | FTMLLeanState,
                 params: optax.Params | None = None,
-                **extra_args: Any) -> tuple[optax.Updates, FTMLState]:
+                **extra_args: Any
+                ) -> tuple[optax.Updates, FTMLState | FTMLLeanState]:
     del extra_args
     if params is None:
       raise ValueError(
@@ -250,8 +334,10 @@ def ftml(
     shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
     # Mismatches would otherwise broadcast silently (e.g. a state restored
     # for other parameters), so they are refused while tracing.
-    for name, tree in (("gradients", updates), ("state", state.v),
-                       ("state", state.z), ("state", state.d_prev)):
+    buffers = (state.v, state.z) if recompute_d_prev else (
+        state.v, state.z, state.d_prev)
+    for name, tree in (("gradients", updates),
+                       *(("state", buffer) for buffer in buffers)):
       if jax.tree.structure(tree) != treedef:
         raise ValueError(
             f"ftml: the {name} tree does not match the parameters tree:"
@@ -263,42 +349,82 @@ def ftml(
 
     count_inc = optax.safe_increment(state.count)
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    grads, weights, vs, zs = (treedef.flatten_up_to(tree) for tree in (
+        updates, params, state.v, state.z))
+    computes = [_promote(w.dtype, z.dtype, jnp.float32)
+                for w, z in zip(weights, zs)]
+    reals = [_real_dtype(compute) for compute in computes]
+    now = {real: _Coefficients.at(count_inc, lr, b1, b2, eps, real)
+           for real in set(reals)}
+    if recompute_d_prev:
+      # The same operations on the same values as when d_{t-1} was computed
+      # from v_{t-1}, hence the same result; 0 before the first step.
+      before = {real: _Coefficients.at(state.count, state.prev_learning_rate,
+                                       b1, b2, eps, real)
+                for real in set(reals)}
+      d_prevs = [before[real].diagonal(v.astype(real))
+                 for v, real in zip(vs, reals)]
+    else:
+      stored_d_prevs = treedef.flatten_up_to(state.d_prev)
+      d_prevs = [d.astype(real) for d, real in zip(stored_d_prevs, reals)]
 
-    def leaf_update(g, w, v, z, d_prev):
-      compute = _promote(w.dtype, z.dtype, jnp.float32)
-      real = _real_dtype(compute)
-      # MXNet evaluates these per element in the weight dtype; they depend
-      # only on t, so computing them once per step gives the same roundings.
-      t = count_inc.astype(real)
-      beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
-      rate = jnp.asarray(lr, real)
-      # As lr -> 0, d_t -> inf and the step vanishes, while z_t + d_t w_t = 0
-      # (all the next step uses of z_t and d_t): the limit state is
-      # z_t = d_t = 0. Taking d_t = 0 here leads there (see below).
-      frozen = rate == 0
-      d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
-
-      g, w_c = g.astype(compute), w.astype(compute)
-      v_new = beta2 * v.astype(real) + (1 - beta2) * jnp.real(g * jnp.conj(g))
-      d_t = d_scale * (jnp.sqrt(v_new / (1 - beta2**t)) + jnp.asarray(eps, real))
-      z_new = (beta1.astype(compute) * z.astype(compute)
-               + (1 - beta1).astype(compute) * g) - (
-                   d_t - beta1 * d_prev.astype(real)).astype(compute) * w_c
+    # XLA:CPU computes each output array in a loop of its own. These loops
+    # read only inputs and outputs, never a temporary: d_t is recomputed from
+    # v in every loop that needs it (a d_t temporary would cost two passes
+    # over memory; the square root is free next to them).
+    v_news, z_news = [], []
+    for g, w, v, z, d_prev, compute in zip(grads, weights, vs, zs, d_prevs,
+                                           computes):
+      c = now[_real_dtype(compute)]
+      g = g.astype(compute)
+      v_new = c.second_moment(v.astype(c.real), g)
+      d_t = c.diagonal(v_new)
+      z_new = (c.beta1.astype(compute) * z.astype(compute)
+               + c.one_minus_beta1.astype(compute) * g) - (
+                   d_t - c.beta1 * d_prev).astype(compute) * w.astype(compute)
       # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
       # far): the step -(1 - b1) g / d_t is then 0/0, taken as 0. Either way
       # the weight stays and z = 0 keeps z + d_t w = 0.
-      degenerate = d_t == 0
-      step = jnp.where(degenerate, 0, -z_new / d_t.astype(compute) - w_c)
-      z_new = jnp.where(degenerate, 0, z_new)
-      return (step.astype(w.dtype), v_new.astype(v.dtype),
-              z_new.astype(z.dtype), d_t.astype(d_prev.dtype))
+      v_news.append(v_new)
+      z_news.append(jnp.where(d_t == 0, 0, z_new))
+    z_outs = [z_new.astype(z.dtype) for z_new, z in zip(z_news, zs)]
 
-    results = [
-        leaf_update(*leaves) for leaves in zip(*(
-            treedef.flatten_up_to(tree) for tree in (
-                updates, params, state.v, state.z, state.d_prev)))]
-    columns = list(zip(*results)) or [()] * 4
-    step, v, z, d_prev = (treedef.unflatten(column) for column in columns)
+    # With donation an array is updated in place, so it must be written after
+    # every loop that reads its old value; XLA copies it unless a data
+    # dependence shows that order. The loops below therefore read the new z
+    # through a select that is never taken (and costs no memory traffic: its
+    # condition does not depend on the element). Never-taken selects also
+    # keep XLA from merging the loops' d_t computations into one, which it
+    # would materialize (an expensive operation used by several loops).
+    never = count_inc < 0
+    def unmerged(x, other):
+      return jnp.where(never, other, x)
+
+    steps, v_outs, d_outs = [], [], []
+    for g, w, v, z_new, z_out, v_new, compute in zip(
+        grads, weights, vs, z_news, z_outs, v_news, computes):
+      c = now[_real_dtype(compute)]
+      after_z = jnp.real(z_out).astype(c.real)
+      if recompute_d_prev:
+        # The z loop read the old v (for d_{t-1}): write the new v after it.
+        v_new = c.second_moment(unmerged(v.astype(c.real), after_z),
+                                g.astype(compute))
+        d_t = c.diagonal(v_new)
+      else:
+        d_outs.append(c.diagonal(unmerged(v_new, after_z)))
+        d_t = c._replace(inv_bias2=unmerged(c.inv_bias2, 0)).diagonal(v_new)
+      v_outs.append(v_new.astype(v.dtype))
+      steps.append(jnp.where(
+          d_t == 0, 0, -z_new / d_t.astype(compute) - w.astype(compute)
+      ).astype(w.dtype))
+
+    step, v, z = (treedef.unflatten(x) for x in (steps, v_outs, z_outs))
+    if recompute_d_prev:
+      return step, FTMLLeanState(
+          count=count_inc, v=v, z=z, prev_learning_rate=jnp.asarray(
+              lr, state.prev_learning_rate.dtype))
+    d_prev = treedef.unflatten(
+        [d.astype(old.dtype) for d, old in zip(d_outs, stored_d_prevs)])
     return step, FTMLState(count=count_inc, v=v, z=z, d_prev=d_prev)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
