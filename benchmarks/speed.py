@@ -1,0 +1,227 @@
+"""Step time, first-call time and state memory of ``ftml`` next to Adam.
+
+Each optimizer step is ``update`` followed by ``optax.apply_updates`` under
+``jax.jit``, with the parameters and the optimizer state donated (updated in
+place, as in a training loop) and without donation. The optimizers run
+interleaved in one process (A B C A B C ...), and each figure is the median
+over the repetitions, reported as a ratio to Adam's, so that machine load
+affects all of them alike.
+
+    python benchmarks/speed.py            # the full run (a few minutes)
+    python benchmarks/speed.py --quick    # a smoke run on small models
+
+Writes ``speed.json`` and ``speed.md`` to ``--out`` (``benchmarks/results``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import re
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_ftml
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "adam": lambda: optax.adam(1e-3),
+    "rmsprop": lambda: optax.rmsprop(1e-3),
+    "ftml": lambda: optax_ftml.ftml(1e-3),
+    "ftml (recompute_d_prev)": lambda: optax_ftml.ftml(
+        1e-3, recompute_d_prev=True),
+}
+
+
+def conv_net_shapes(width: int, stages: int
+                    ) -> dict[str, dict[str, tuple[int, ...]]]:
+  """Leaves shaped like a plain conv net: 3x3 conv blocks (kernel, bias, norm
+  scale and offset) in four stages of widening, and a dense head. With
+  ``stages=10`` (39 blocks) there are 160 leaves, ~11M parameters at width 64.
+  """
+  channels = [3] + [width] * stages + [2 * width] * stages + [
+      3 * width] * stages + [4 * width] * (stages - 1)
+  shapes = {}
+  for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+    shapes[f"conv{i:02d}"] = {"kernel": (3, 3, c_in, c_out), "bias": (c_out,),
+                              "scale": (c_out,), "offset": (c_out,)}
+  shapes["head"] = {"kernel": (2 * channels[-1], 8 * width),
+                    "bias": (8 * width,), "scale": (8 * width,),
+                    "offset": (8 * width,)}
+  return shapes
+
+
+def models(quick: bool) -> dict[str, tuple[dict, jnp.dtype]]:
+  """Name -> (shapes pytree, dtype)."""
+  sizes = (16_000, 256_000) if quick else (1_000_000, 16_000_000)
+  conv_net = conv_net_shapes(8, 1) if quick else conv_net_shapes(64, 10)
+  leaves = len(jax.tree.leaves(conv_net, is_leaf=lambda x: isinstance(x, tuple)))
+  return {
+      f"{sizes[0]:,}, one leaf": ({"w": (sizes[0],)}, jnp.float32),
+      f"{sizes[1]:,}, one leaf": ({"w": (sizes[1],)}, jnp.float32),
+      f"conv net, {leaves} leaves": (conv_net, jnp.float32),
+      f"conv net, {leaves} leaves, bfloat16": (conv_net, jnp.bfloat16),
+  }
+
+
+def make_params(shapes, dtype, seed):
+  leaves, treedef = jax.tree.flatten(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([
+      (0.1 * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+      for k, s in zip(keys, leaves)])
+
+
+def step_fn(optimizer, donate: bool):
+  def step(params, state, grads):
+    updates, state = optimizer.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def compiled_structure(compiled_text: str) -> dict[str, int]:
+  """Loops over arrays (fusions with a non-scalar result) and array copies
+  in the compiled step."""
+  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  array_ops = re.findall(r"= \w+\[\d[^\]]*\]\S* (fusion|copy)\(", entry)
+  return {"array_loops": array_ops.count("fusion"),
+          "array_copies": array_ops.count("copy")}
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def time_steps(names, params, grads, donate, repetitions, steps):
+  """Median seconds per step of each optimizer, interleaved."""
+  runs = {}
+  for name in names:
+    optimizer = OPTIMIZERS[name]()
+    fn = step_fn(optimizer, donate)
+    own = jax.tree.map(jnp.copy, params)
+    runs[name] = [fn, own, optimizer.init(own)]
+    # Warm-up (compiles; also touches every buffer once).
+    runs[name][1], runs[name][2] = fn(own, runs[name][2], grads)
+    jax.block_until_ready(runs[name][1:])
+  times = {name: [] for name in names}
+  for _ in range(repetitions):
+    for name in names:
+      fn, p, s = runs[name]
+      start = time.perf_counter()
+      for _ in range(steps):
+        p, s = fn(p, s, grads)
+      jax.block_until_ready((p, s))
+      times[name].append((time.perf_counter() - start) / steps)
+      runs[name][1:] = [p, s]
+  return {name: statistics.median(t) for name, t in times.items()}
+
+
+def time_first_call(names, params, grads, repetitions):
+  """Median seconds (wall clock, and CPU time of this process) to trace, lower
+  and compile the donated step, and the compiled text of each."""
+  wall, cpu, texts = ({name: [] for name in names}, {name: [] for name in names},
+                      {})
+  for _ in range(repetitions):
+    for name in names:
+      jax.clear_caches()
+      optimizer = OPTIMIZERS[name]()
+      state = optimizer.init(params)
+      start, start_cpu = time.perf_counter(), time.process_time()
+      compiled = step_fn(optimizer, donate=True).lower(
+          params, state, grads).compile()
+      wall[name].append(time.perf_counter() - start)
+      cpu[name].append(time.process_time() - start_cpu)
+      texts[name] = compiled.as_text()
+  return ({name: statistics.median(t) for name, t in wall.items()},
+          {name: statistics.median(t) for name, t in cpu.items()}, texts)
+
+
+def benchmark(quick: bool) -> dict:
+  names = list(OPTIMIZERS)
+  repetitions = 3 if quick else 15
+  steps = 2 if quick else 5
+  results = {}
+  for model, (shapes, dtype) in models(quick).items():
+    params = make_params(shapes, dtype, seed=0)
+    grads = make_params(shapes, dtype, seed=1)
+    row = {"parameters": sum(x.size for x in jax.tree.leaves(params)),
+           "leaves": len(jax.tree.leaves(params)),
+           "dtype": jnp.dtype(dtype).name, "optimizers": {}}
+    donated = time_steps(names, params, grads, True, repetitions, steps)
+    undonated = time_steps(names, params, grads, False, repetitions, steps)
+    first, first_cpu, texts = time_first_call(names, params, grads,
+                                              1 if quick else 3)
+    for name in names:
+      row["optimizers"][name] = {
+          "step_s_donated": donated[name],
+          "step_s_undonated": undonated[name],
+          "first_call_s": first[name],
+          "first_call_cpu_s": first_cpu[name],
+          "state_bytes": tree_bytes(OPTIMIZERS[name]().init(params)),
+          **compiled_structure(texts[name]),
+      }
+    for name, r in row["optimizers"].items():
+      adam = row["optimizers"]["adam"]
+      r["ratio_donated"] = r["step_s_donated"] / adam["step_s_donated"]
+      r["ratio_undonated"] = r["step_s_undonated"] / adam["step_s_undonated"]
+      r["ratio_first_call"] = r["first_call_s"] / adam["first_call_s"]
+      r["ratio_first_call_cpu"] = (r["first_call_cpu_s"]
+                                   / adam["first_call_cpu_s"])
+      r["ratio_state_bytes"] = r["state_bytes"] / adam["state_bytes"]
+    results[model] = row
+    print(f"done: {model}", flush=True)
+  return results
+
+
+def markdown(results: dict) -> str:
+  lines = [
+      "| model | optimizer | step, donated | ratio | step, not donated | ratio"
+      " | first call | ratio | (CPU time) | state | ratio | loops | copies |",
+      "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+      " ---: | ---: | ---: |"]
+  for model, row in results.items():
+    for name, r in row["optimizers"].items():
+      lines.append(
+          f"| {model} | {name} | {r['step_s_donated'] * 1e3:.2f} ms"
+          f" | {r['ratio_donated']:.2f} | {r['step_s_undonated'] * 1e3:.2f} ms"
+          f" | {r['ratio_undonated']:.2f} | {r['first_call_s']:.2f} s"
+          f" | {r['ratio_first_call']:.2f} | {r['ratio_first_call_cpu']:.2f}"
+          f" | {r['state_bytes'] / 2**20:.1f} MiB"
+          f" | {r['ratio_state_bytes']:.2f} | {r['array_loops']}"
+          f" | {r['array_copies']} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--quick", action="store_true",
+                      help="small models and few repetitions (a smoke run)")
+  parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
+                      help="directory for speed.json and speed.md")
+  args = parser.parse_args(argv)
+  results = benchmark(args.quick)
+  table = markdown(results)
+  args.out.mkdir(parents=True, exist_ok=True)
+  environment = {
+      "jax": jax.__version__, "optax": optax.__version__,
+      "backend": jax.default_backend(), "devices": str(jax.devices()[0]),
+      "cpu": platform.processor() or platform.machine(),
+      "cpu_count": __import__("os").cpu_count(), "quick": args.quick}
+  (args.out / "speed.json").write_text(json.dumps(
+      {"environment": environment, "results": results}, indent=2) + "\n")
+  (args.out / "speed.md").write_text(table)
+  print(table)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,55 @@
+"""The benchmark scripts run (in their quick mode) and write their outputs.
+
+Only that: what they measure is reported by the scripts, not asserted here.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
+
+
+def run_quick(script, out):
+  subprocess.run([sys.executable, str(BENCHMARKS / script), "--quick",
+                  "--out", str(out)], check=True, capture_output=True,
+                 timeout=900)
+
+
+def test_speed_benchmark_writes_its_table_and_numbers(tmp_path):
+  run_quick("speed.py", tmp_path)
+  results = json.loads((tmp_path / "speed.json").read_text())["results"]
+  table = (tmp_path / "speed.md").read_text()
+  assert len(results) == 4
+  for model, row in results.items():
+    assert model in table
+    assert set(row["optimizers"]) == {
+        "adam", "rmsprop", "ftml", "ftml (recompute_d_prev)"}
+    for r in row["optimizers"].values():
+      assert r["step_s_donated"] > 0 and r["first_call_s"] > 0
+    ftml, lean = row["optimizers"]["ftml"], row["optimizers"][
+        "ftml (recompute_d_prev)"]
+    # Memory is exact, unlike time: three buffers per parameter, or two.
+    assert ftml["ratio_state_bytes"] > 1.4
+    assert 0.99 < lean["ratio_state_bytes"] < 1.01
+    if row["dtype"] == "float32":
+      assert ftml["array_copies"] == lean["array_copies"] == 0
+      assert ftml["array_loops"] == 4 * row["leaves"]
+      assert lean["array_loops"] == 3 * row["leaves"]
+
+
+def test_convergence_benchmark_writes_its_table_numbers_and_plots(tmp_path):
+  run_quick("convergence.py", tmp_path)
+  results = json.loads((tmp_path / "convergence.json").read_text())["results"]
+  table = (tmp_path / "convergence.md").read_text()
+  assert len(results) == 3
+  for task, row in results.items():
+    assert task in table
+    assert set(row["optimizers"]) == {
+        "ftml", "adam", "rmsprop", "sgd (momentum 0.9)"}
+    for r in row["optimizers"].values():
+      assert len(r["curve_mean"]) == row["steps"]
+  pngs = sorted(tmp_path.glob("convergence_*.png"))
+  assert len(pngs) == 3
+  assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
