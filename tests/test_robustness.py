@@ -454,3 +454,34 @@ def test_orbax_checkpoint_of_other_parameters_fails_loudly(tmp_path):
     as_saved = checkpointer.restore(path, jax.eval_shape(opt.init, PARAMS))
   with pytest.raises(ValueError, match=r"the state tree does not match"):
     opt.update(new_params, as_saved, new_params)
+
+
+def test_weights_changed_outside_ftml_are_pulled_back_like_mxnet():
+  """Why pre-processing goes before FTML: a change delta made to the weights
+  between two steps is partly undone by the next step, which moves towards
+  the leader -z/d: it keeps (1 - b1 d_t / d_{t+1}) delta, as in MXNet."""
+  rng = np.random.RandomState(8)
+  grads = rng.randn(20, 6).astype(np.float32)
+  w0 = rng.randn(6).astype(np.float32)
+  delta = np.float32(0.5)
+  opt = optax_ftml.ftml(0.01, b1=0.6)
+
+  def run(perturbation):
+    w, state, out = jnp.asarray(w0), opt.init(jnp.asarray(w0)), []
+    for t, g in enumerate(grads):
+      updates, state = opt.update(jnp.asarray(g), state, w)
+      w = optax.apply_updates(w, updates) + (perturbation if t == 9 else 0)
+      out.append(np.asarray(w))
+    return np.stack(out)
+
+  ours, undisturbed = run(delta), run(np.float32(0))
+  w, slots, expected, d = w0, FTMLSlots.zeros_like(w0), [], []
+  for t, g in enumerate(grads, start=1):
+    w = ftml_update(w, g, slots, lr=0.01, t=t, beta1=0.6) + (
+        delta if t == 10 else np.float32(0))
+    expected.append(w)
+    d.append(slots.d)
+  np.testing.assert_allclose(ours, np.stack(expected), rtol=1e-5, atol=1e-6)
+  kept = (ours[10] - undisturbed[10]) / delta
+  np.testing.assert_allclose(kept, 1 - 0.6 * d[9] / d[10], rtol=1e-3)
+  assert np.all(kept < 0.6)
