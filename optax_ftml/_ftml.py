@@ -237,10 +237,10 @@ def ftml(
     instead of three: the state is :class:`FTMLLeanState` ``(count, v, z,
     prev_learning_rate)``, and each step recomputes ``d_prev`` from the
     previous ``v``, step and learning rate with the operations that first
-    computed it. The trajectory is the default state's (to rounding: XLA may
-    contract the multiply-adds of ``v`` differently, at most 1 ulp per step),
-    steps with a learning rate of 0 and ``eps = 0`` included (both give
-    ``d_prev = 0`` again).
+    computed it. The trajectory is the default state's to rounding (XLA
+    compiles the two a little differently: ``v`` agrees within 1 ulp per step,
+    the weights to float32 rounding of the recursion), steps with a learning
+    rate of 0 and ``eps = 0`` included (both give ``d_prev = 0`` again).
 
   Args:
     learning_rate: a positive float, or a schedule mapping the update count to
