@@ -200,7 +200,7 @@ def test_grid_first_step_like_mxnet_test(mxnet_version):
         clip_gradient=h["clip_gradient"], wd=h["wd"], mxnet_version=mxnet_version)
     # Without weight decay (whose g + wd * w XLA may fuse into a multiply-add)
     # v_1 = (1 - b2) * g**2 is bit-exact, which pins the float32 constant
-    # 1 - b2 (0.00100004673 for b2 = 0.999, not 0.001).
+    # 1 - b2 (1 - float32(0.999) = 0.000999987125, not float32(0.001)).
     no_decay = hp["wd"] == 0
     np.testing.assert_array_equal(np.asarray(state.v[k])[no_decay], slots.v[no_decay])
     np.testing.assert_allclose(np.asarray(state.v[k]), slots.v, rtol=1e-6)
