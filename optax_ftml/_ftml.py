@@ -93,6 +93,27 @@ class _Coefficients(NamedTuple):
     return self.d_scale * (jnp.sqrt(v * self.inv_bias2) + self.eps)
 
 
+def _bounded(g: jax.Array, c: _Coefficients) -> jax.Array:
+  """``g`` with finite components limited so that ``v / (1 - b2**t)`` stays finite.
+
+  The bound, ``sqrt(max * (1 - b2)) / 2`` (2.9e17 in float32 for
+  b2 = 0.999; halved per component for complex), is far beyond any ordinary
+  gradient, which it leaves exactly as it is. A larger finite gradient would
+  otherwise overflow ``v`` or ``d_t`` and turn that element's state into NaN
+  for good, unseen by ``optax.apply_if_finite`` (which checks the incoming
+  gradients).
+  """
+  bound = jnp.sqrt(jnp.finfo(c.real).max * c.one_minus_beta2) / 2
+
+  def limit(x, bound):
+    # Infinities pass: like NaN, they propagate as in every Optax optimizer.
+    return jnp.where(jnp.isinf(x), x, jnp.clip(x, -bound, bound))
+
+  if jnp.iscomplexobj(g):
+    return jax.lax.complex(limit(g.real, bound / 2), limit(g.imag, bound / 2))
+  return limit(g, bound)
+
+
 def _is_concrete_real(value: Any) -> bool:
   """Whether ``value`` is a Python or NumPy real number that can be checked."""
   return isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -224,8 +245,10 @@ def ftml(
     ``z = d_prev = 0`` (``v`` and ``count`` advance as usual); the next steps
     are those that vanishing learning rates would give. Likewise, with
     ``eps = 0`` an element whose gradients have all been zero has
-    :math:`d_t = 0` and a 0/0 step, taken as 0. No step produces a NaN from
-    finite inputs.
+    :math:`d_t = 0` and a 0/0 step, taken as 0. Finite gradients beyond
+    ``sqrt(max * (1 - b2)) / 2`` (2.9e17 in float32 for ``b2 = 0.999``),
+    whose square would overflow, are limited to that bound. No step produces
+    a NaN from finite inputs; NaN and infinite gradients propagate.
   * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
     float64 for float64 parameters), and the per-element arithmetic runs in
     at least float32, so bfloat16 and float16 parameters neither lose the
@@ -372,11 +395,12 @@ def ftml(
     # read only inputs and outputs, never a temporary: d_t is recomputed from
     # v in every loop that needs it (a d_t temporary would cost two passes
     # over memory; the square root is free next to them).
+    grads = [_bounded(g.astype(compute), now[_real_dtype(compute)])
+             for g, compute in zip(grads, computes)]
     v_news, z_news = [], []
     for g, w, v, z, d_prev, compute in zip(grads, weights, vs, zs, d_prevs,
                                            computes):
       c = now[_real_dtype(compute)]
-      g = g.astype(compute)
       v_new = c.second_moment(v.astype(c.real), g)
       d_t = c.diagonal(v_new)
       z_new = (c.beta1.astype(compute) * z.astype(compute)
