@@ -61,6 +61,9 @@ class _Coefficients(NamedTuple):
   one_minus_beta2: jax.Array
   d_scale: jax.Array
   """``(1 - b1**t) / lr``, and 0 where ``lr = 0``."""
+  grad_bound: jax.Array
+  """``sqrt(max * (1 - b2)) / 2``: below it no ``|g|**2 / (1 - b2**t)``
+  overflows (2.9e17 in float32 for b2 = 0.999)."""
   inv_bias2: jax.Array
   """``1 / (1 - b2**t)``, and 0 where ``t = 0`` (so that ``d_0 = 0``)."""
   eps: jax.Array
@@ -79,8 +82,9 @@ class _Coefficients(NamedTuple):
     frozen = rate == 0
     d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
     inv_bias2 = jnp.where(first, 0, 1 / (1 - beta2**t))
-    return cls(real, beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2,
-               jnp.asarray(eps, real))
+    grad_bound = jnp.sqrt(jnp.finfo(real).max * (1 - beta2)) / 2
+    return cls(real, beta1, beta2, 1 - beta1, 1 - beta2, d_scale, grad_bound,
+               inv_bias2, jnp.asarray(eps, real))
 
   def second_moment(self, v: jax.Array, g: jax.Array) -> jax.Array:
     """``v_t`` from ``v_{t-1}`` and the gradient."""
@@ -93,17 +97,15 @@ class _Coefficients(NamedTuple):
     return self.d_scale * (jnp.sqrt(v * self.inv_bias2) + self.eps)
 
 
-def _bounded(g: jax.Array, c: _Coefficients) -> jax.Array:
-  """``g`` with finite components limited so that ``v / (1 - b2**t)`` stays finite.
+def _bounded(g: jax.Array, bound: jax.Array) -> jax.Array:
+  """``g`` with finite components limited to ``bound`` (half of it per
+  component for complex).
 
-  The bound, ``sqrt(max * (1 - b2)) / 2`` (2.9e17 in float32 for
-  b2 = 0.999; halved per component for complex), is far beyond any ordinary
-  gradient, which it leaves exactly as it is. A larger finite gradient would
-  otherwise overflow ``v`` or ``d_t`` and turn that element's state into NaN
-  for good, unseen by ``optax.apply_if_finite`` (which checks the incoming
-  gradients).
+  The bound is far beyond any ordinary gradient, which it leaves exactly as
+  it is. A larger finite gradient would otherwise overflow ``v`` or ``d_t``
+  and turn that element's state into NaN for good, unseen by
+  ``optax.apply_if_finite`` (which checks the incoming gradients).
   """
-  bound = jnp.sqrt(jnp.finfo(c.real).max * c.one_minus_beta2) / 2
 
   def limit(x, bound):
     # Infinities pass: like NaN, they propagate as in every Optax optimizer.
@@ -173,6 +175,11 @@ def _promote(*dtypes: Any) -> jnp.dtype:
 def _real_dtype(dtype: Any) -> jnp.dtype:
   """The real counterpart of ``dtype`` (float32 for complex64)."""
   return jnp.finfo(dtype).dtype
+
+
+def _compute_dtype(param_dtype: Any, z_dtype: Any) -> jnp.dtype:
+  """The per-element arithmetic's dtype: the widest of both, at least float32."""
+  return _promote(param_dtype, z_dtype, jnp.float32)
 
 
 def _buffer_dtypes(param_dtype: Any, state_dtype: Any) -> tuple[Any, Any]:
@@ -337,8 +344,8 @@ def ftml(
     count = jnp.zeros([], jnp.int32)
     if recompute_d_prev:
       # The learning rate is kept in the widest dtype the update computes in.
-      reals = (_real_dtype(_promote(p.dtype, _buffer_dtypes(
-          p.dtype, state_dtype)[0], jnp.float32)) for p in jax.tree.leaves(params))
+      reals = (_real_dtype(_compute_dtype(p.dtype, _buffer_dtypes(
+          p.dtype, state_dtype)[0])) for p in jax.tree.leaves(params))
       return FTMLLeanState(count=count, v=zeros(1), z=zeros(0),
                            prev_learning_rate=jnp.zeros([], _promote(
                                jnp.float32, *reals)))
@@ -374,11 +381,12 @@ def ftml(
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     grads, weights, vs, zs = (treedef.flatten_up_to(tree) for tree in (
         updates, params, state.v, state.z))
-    computes = [_promote(w.dtype, z.dtype, jnp.float32)
-                for w, z in zip(weights, zs)]
+    computes = [_compute_dtype(w.dtype, z.dtype)
+                for w, z in zip(weights, zs, strict=True)]
     reals = [_real_dtype(compute) for compute in computes]
-    now = {real: _Coefficients.at(count_inc, lr, b1, b2, eps, real)
-           for real in set(reals)}
+    now_by_dtype = {real: _Coefficients.at(count_inc, lr, b1, b2, eps, real)
+                    for real in set(reals)}
+    now = [now_by_dtype[real] for real in reals]
     if recompute_d_prev:
       # The same operations on the same values as when d_{t-1} was computed
       # from v_{t-1}, hence the same result; 0 before the first step.
@@ -386,21 +394,21 @@ def ftml(
                                        b1, b2, eps, real)
                 for real in set(reals)}
       d_prevs = [before[real].diagonal(v.astype(real))
-                 for v, real in zip(vs, reals)]
+                 for v, real in zip(vs, reals, strict=True)]
     else:
       stored_d_prevs = treedef.flatten_up_to(state.d_prev)
-      d_prevs = [d.astype(real) for d, real in zip(stored_d_prevs, reals)]
+      d_prevs = [d.astype(real)
+                 for d, real in zip(stored_d_prevs, reals, strict=True)]
 
     # XLA:CPU computes each output array in a loop of its own. These loops
     # read only inputs and outputs, never a temporary: d_t is recomputed from
     # v in every loop that needs it (a d_t temporary would cost two passes
     # over memory; the square root is free next to them).
-    grads = [_bounded(g.astype(compute), now[_real_dtype(compute)])
-             for g, compute in zip(grads, computes)]
+    grads = [_bounded(g.astype(compute), c.grad_bound)
+             for g, compute, c in zip(grads, computes, now, strict=True)]
     v_news, z_news = [], []
-    for g, w, v, z, d_prev, compute in zip(grads, weights, vs, zs, d_prevs,
-                                           computes):
-      c = now[_real_dtype(compute)]
+    for g, w, v, z, d_prev, compute, c in zip(grads, weights, vs, zs, d_prevs,
+                                              computes, now, strict=True):
       v_new = c.second_moment(v.astype(c.real), g)
       d_t = c.diagonal(v_new)
       z_new = (c.beta1.astype(compute) * z.astype(compute)
@@ -411,7 +419,8 @@ def ftml(
       # the weight stays and z = 0 keeps z + d_t w = 0.
       v_news.append(v_new)
       z_news.append(jnp.where(d_t == 0, 0, z_new))
-    z_outs = [z_new.astype(z.dtype) for z_new, z in zip(z_news, zs)]
+    z_outs = [z_new.astype(z.dtype)
+              for z_new, z in zip(z_news, zs, strict=True)]
 
     # With donation an array is updated in place, so it must be written after
     # every loop that reads its old value; XLA copies it unless a data
@@ -425,14 +434,12 @@ def ftml(
       return jnp.where(never, other, x)
 
     steps, v_outs, d_outs = [], [], []
-    for g, w, v, z_new, z_out, v_new, compute in zip(
-        grads, weights, vs, z_news, z_outs, v_news, computes):
-      c = now[_real_dtype(compute)]
+    for g, w, v, z_new, z_out, v_new, compute, c in zip(
+        grads, weights, vs, z_news, z_outs, v_news, computes, now, strict=True):
       after_z = jnp.real(z_out).astype(c.real)
       if recompute_d_prev:
         # The z loop read the old v (for d_{t-1}): write the new v after it.
-        v_new = c.second_moment(unmerged(v.astype(c.real), after_z),
-                                g.astype(compute))
+        v_new = c.second_moment(unmerged(v.astype(c.real), after_z), g)
         d_t = c.diagonal(v_new)
       else:
         d_outs.append(c.diagonal(unmerged(v_new, after_z)))
@@ -448,7 +455,8 @@ def ftml(
           count=count_inc, v=v, z=z, prev_learning_rate=jnp.asarray(
               lr, state.prev_learning_rate.dtype))
     d_prev = treedef.unflatten(
-        [d.astype(old.dtype) for d, old in zip(d_outs, stored_d_prevs)])
+        [d.astype(old.dtype)
+         for d, old in zip(d_outs, stored_d_prevs, strict=True)])
     return step, FTMLState(count=count_inc, v=v, z=z, d_prev=d_prev)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

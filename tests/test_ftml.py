@@ -12,21 +12,7 @@ from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
 from optax_ftml import FTMLState
 from optax_ftml import ftml
-
-
-def run_steps(opt, params, grads_sequence):
-  """Applies ``opt`` to a fixed gradient sequence; returns all parameters."""
-
-  def step(carry, grads):
-    params, state = carry
-    updates, state = opt.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, state), params
-
-  (_, state), trajectory = jax.jit(lambda p, g: jax.lax.scan(
-      step, (p, opt.init(p)), g))(params, grads_sequence)
-  return trajectory, state
-
+from scan_training import run
 
 # --- Validation -------------------------------------------------------------
 
@@ -131,7 +117,7 @@ def test_zero_learning_rate_step_is_the_limit_of_vanishing_rates():
 
   with jax.enable_x64(True):
     table = jnp.asarray(lrs)
-    ours, _ = run_steps(ftml(lambda count: table[count], b1, b2, eps),
+    ours, _ = run(ftml(lambda count: table[count], b1, b2, eps),
                         jnp.asarray(w0), jnp.asarray(grads))
   ours = np.asarray(ours)
   np.testing.assert_array_equal(ours[0], w0)
@@ -144,7 +130,7 @@ def test_zero_eps_with_zero_gradients_never_makes_nan():
   opt = ftml(0.1, eps=0.0)
   params = jnp.array([1.0, -1.0, 0.0])
   grads = jnp.zeros((50, 3)).at[25:, 0].set(1.0)
-  trajectory, state = run_steps(opt, params, grads)
+  trajectory, state = run(opt, params, grads)
   chex.assert_tree_all_finite((trajectory, state))
   np.testing.assert_array_equal(trajectory[:25], np.broadcast_to(params, (25, 3)))
   np.testing.assert_array_equal(trajectory[:, 1:], np.broadcast_to(params[1:], (50, 2)))
@@ -176,7 +162,7 @@ def test_float32_trajectory_matches_collapsed_identity():
   w0 = rng.randn(32).astype(np.float32)
   lrs = np.geomspace(0.05, 0.005, 300).astype(np.float32)
   table = jnp.asarray(lrs)
-  ours, _ = run_steps(ftml(lambda c: table[c], 0.7, 0.99, 1e-8),
+  ours, _ = run(ftml(lambda c: table[c], 0.7, 0.99, 1e-8),
                       jnp.asarray(w0), jnp.asarray(grads))
   expected = collapsed_trajectory(w0, grads, lrs.astype(np.float64), 0.7, 0.99, 1e-8)
   np.testing.assert_allclose(np.asarray(ours), expected, rtol=0, atol=2e-5)
@@ -269,7 +255,7 @@ def test_float64_parameters():
   with jax.enable_x64(True):
     rng = np.random.RandomState(4)
     grads, w0 = rng.randn(100, 8), rng.randn(8)
-    ours, state = run_steps(ftml(0.02), jnp.asarray(w0), jnp.asarray(grads))
+    ours, state = run(ftml(0.02), jnp.asarray(w0), jnp.asarray(grads))
     assert ours.dtype == jnp.float64 and state.v.dtype == jnp.float64
   expected = collapsed_trajectory(w0, grads, np.full(100, 0.02), 0.6, 0.999, 1e-8)
   np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-12, atol=1e-12)
@@ -330,9 +316,9 @@ def test_inject_hyperparams_with_schedule_and_jit():
   grads = jnp.asarray(rng.randn(30, 5).astype(np.float32))
   w0 = jnp.asarray(rng.randn(5).astype(np.float32))
   with jax.numpy_dtype_promotion("standard"):  # optax's schedules promote
-    injected, _ = run_steps(optax.inject_hyperparams(ftml)(learning_rate=schedule),
+    injected, _ = run(optax.inject_hyperparams(ftml)(learning_rate=schedule),
                             w0, grads)
-    plain, _ = run_steps(ftml(schedule), w0, grads)
+    plain, _ = run(ftml(schedule), w0, grads)
   chex.assert_trees_all_close(injected, plain, rtol=1e-6)
 
 

@@ -11,6 +11,8 @@ from mxnet_reference import ftml_update
 from optax_ftml import FTMLLeanState
 from optax_ftml import FTMLState
 from optax_ftml import ftml
+from scan_training import noisy_pull
+from scan_training import run
 
 SHAPES = {"a": (6, 5), "b": (7,)}
 
@@ -24,30 +26,6 @@ def problem(steps, dtype, seed=0, scale=1.0):
   noise = {k: (scale * rng.randn(steps, *s)).astype(dtype)
            for k, s in SHAPES.items()}
   return weights, target, noise
-
-
-def trajectory(opt, weights, target, noise):
-  """Weights after each step, and the final state."""
-  def step(carry, noise_t):
-    w, state = carry
-    grads = jax.tree.map(lambda n, x, c: n + (x - c), noise_t, w, target)
-    updates, state = opt.update(grads, state, w)
-    w = optax.apply_updates(w, updates)
-    return (w, state), w
-
-  run = jax.jit(lambda w, n: jax.lax.scan(step, (w, opt.init(w)), n))
-  (_, state), ws = run(weights, noise)
-  return jax.tree.map(np.asarray, ws), state
-
-
-def fixed_gradients(opt, w0, grads):
-  """Weights after each step, for gradients fixed in advance."""
-  def step(carry, g):
-    w, state = carry
-    updates, state = opt.update(g, state, w)
-    w = optax.apply_updates(w, updates)
-    return (w, state), w
-  return np.asarray(jax.lax.scan(step, (w0, opt.init(w0)), grads)[1])
 
 
 def reference_trajectory(weights, target, noise, lrs, beta1, beta2, epsilon):
@@ -129,9 +107,9 @@ def test_matches_the_numpy_kernel(dtype, tolerance, scheduled, beta1, beta2,
       learning_rate, lrs = schedule(steps, dtype)
     else:
       learning_rate, lrs = 0.01, np.full(steps, 0.01, dtype)
-    ours, _ = trajectory(
+    ours, _ = run(
         ftml(learning_rate, beta1, beta2, eps, recompute_d_prev=True),
-        weights, target, noise)
+        weights, noise, noisy_pull(target))
   expected = reference_trajectory(weights, target, noise, lrs, dtype(beta1),
                                   dtype(beta2), dtype(eps))
   assert relative_error(ours, expected) < tolerance
@@ -148,10 +126,10 @@ def test_same_trajectory_as_the_default_state(dtype):
   with jax.enable_x64(dtype == np.float64):
     weights, target, noise = problem(steps, dtype, seed=3)
     learning_rate, lrs = schedule(steps, dtype, zeros=(0, 200, 201))
-    default, default_state = trajectory(ftml(learning_rate), weights, target,
-                                        noise)
-    lean, lean_state = trajectory(ftml(learning_rate, recompute_d_prev=True),
-                                  weights, target, noise)
+    default, default_state = run(ftml(learning_rate), weights, noise,
+                                 noisy_pull(target))
+    lean, lean_state = run(ftml(learning_rate, recompute_d_prev=True),
+                           weights, noise, noisy_pull(target))
   assert lean_state.count == default_state.count == steps
   assert float(lean_state.prev_learning_rate) == float(lrs[-1])
   tolerance = {np.float32: 2e-5, np.float64: 1e-12}[dtype]
@@ -207,8 +185,8 @@ def test_zero_eps_and_zero_gradients_give_no_nan():
   grads[:10, 2] = 0  # zero for a while, then not
   w0 = np.linspace(-1, 1, 6).astype(np.float32)
 
-  lean = fixed_gradients(ftml(0.01, eps=0.0, recompute_d_prev=True), w0, grads)
-  default = fixed_gradients(ftml(0.01, eps=0.0), w0, grads)
+  lean, default = (np.asarray(run(ftml(0.01, eps=0.0, recompute_d_prev=recompute),
+                                  w0, grads)[0]) for recompute in (True, False))
   assert np.all(np.isfinite(lean))
   np.testing.assert_array_equal(lean[:, :2], np.broadcast_to(w0[:2], (steps, 2)))
   np.testing.assert_array_equal(lean[:10, 2], w0[2])
@@ -227,9 +205,9 @@ def test_other_dtypes_follow_the_default_state(dtype, state_dtype):
   with jax.enable_x64(dtype == jnp.complex128):
     grads = jnp.asarray(grads, dtype)
     w0 = jnp.ones(shape, dtype)
-    lean, default = (fixed_gradients(
+    lean, default = (np.asarray(run(
         ftml(0.05, state_dtype=state_dtype, recompute_d_prev=recompute),
-        w0, grads).astype(np.complex128) for recompute in (True, False))
+        w0, grads)[0]).astype(np.complex128) for recompute in (True, False))
   assert np.all(np.isfinite(lean))
   tolerance = 1e-12 if dtype == jnp.complex128 else 1e-2
   np.testing.assert_allclose(lean, default, rtol=tolerance, atol=tolerance)

@@ -15,13 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from test_robustness import trajectory
 
 import optax_ftml
 from mxnet_reference import FTMLSlots
 from mxnet_reference import ftml_update
 from mxnet_reference import ftml_update_low_precision
 from mxnet_reference import ftml_update_multi_precision
+from scan_training import run
 
 HALF = [jnp.bfloat16, jnp.float16]
 
@@ -31,8 +31,8 @@ def ulp(dtype):
 
 
 def scan_steps(opt, params, xs, gradient_fn=None):
-  """:func:`trajectory`, with the parameters widened to float32 for NumPy."""
-  ps, state = trajectory(opt, params, xs, gradient_fn)
+  """:func:`scan_training.run`, with the parameters widened to float32 for NumPy."""
+  ps, state = run(opt, params, xs, gradient_fn)
   return np.asarray(ps, np.float32), state
 
 

@@ -6,29 +6,15 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from mxnet_reference import FTMLSlots
 from mxnet_reference import ftml_update
 from optax_ftml import mxnet_ftml
+from scan_training import noisy_pull
+from scan_training import run
 
 STEPS = 100
-
-
-def optax_trajectory(opt, params, noise, target):
-  """Weights after each step; gradients noise + (w - target), as in training."""
-
-  def step(carry, noise_t):
-    params, state = carry
-    grads = jax.tree.map(lambda n, w, c: n + (w - c), noise_t, params, target)
-    updates, state = opt.update(grads, state, params)
-    params = optax.apply_updates(params, updates)
-    return (params, state), params
-
-  _, trajectory = jax.jit(lambda p, n: jax.lax.scan(
-      step, (p, opt.init(p)), n))(params, noise)
-  return jax.tree.map(np.asarray, trajectory)
 
 
 def reference_trajectory(params, noise, target, lrs, per_leaf):
@@ -74,7 +60,7 @@ def test_matches_mxnet_kernel(problem, mxnet_version, beta1, beta2, clip_gradien
                 clip_gradient=clip_gradient, mxnet_version=mxnet_version)
   expected = reference_trajectory(params, noise, target, np.full(STEPS, 0.01),
                                   {k: kwargs for k in params})
-  assert_close(optax_trajectory(opt, params, noise, target), expected)
+  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
 
 def test_clip_and_decay_orders_differ(problem):
@@ -82,8 +68,8 @@ def test_clip_and_decay_orders_differ(problem):
   each helper version matches its own MXNet version only."""
   params, noise, target = problem
   kwargs = dict(wd=5.0, clip_gradient=0.3)
-  trajectories = {v: optax_trajectory(mxnet_ftml(0.01, mxnet_version=v, **kwargs),
-                                      params, noise, target) for v in (1, 2)}
+  trajectories = {v: run(mxnet_ftml(0.01, mxnet_version=v, **kwargs), params,
+                         noise, noisy_pull(target))[0] for v in (1, 2)}
   for version in (1, 2):
     expected = reference_trajectory(
         params, noise, target, np.full(STEPS, 0.01),
@@ -100,7 +86,7 @@ def test_schedule_follows_mxnet_convention(problem):
   opt = mxnet_ftml(lambda num_update: table_jax[num_update])
   expected = reference_trajectory(params, noise, target, table[1:],
                                   {k: {} for k in params})
-  assert_close(optax_trajectory(opt, params, noise, target), expected)
+  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
 
 def test_lr_mult_and_wd_mult(problem):
@@ -110,13 +96,13 @@ def test_lr_mult_and_wd_mult(problem):
   expected = reference_trajectory(
       params, noise, target, np.full(STEPS, 0.01),
       {k: dict(lr_mult=lr_mult[k], wd=0.05 * wd_mult[k]) for k in params})
-  assert_close(optax_trajectory(opt, params, noise, target), expected)
+  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
 
 def test_zero_lr_mult_freezes_a_parameter(problem):
   params, noise, target = problem
-  trajectory = optax_trajectory(mxnet_ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}),
-                                params, noise, target)
+  trajectory = run(mxnet_ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}), params, noise,
+                   noisy_pull(target))[0]
   np.testing.assert_array_equal(trajectory["b"][-1], params["b"])
   assert np.abs(trajectory["w"][-1] - params["w"]).max() > 0.1
 
@@ -125,10 +111,10 @@ def test_zero_lr_mult_freezes_a_parameter(problem):
 def test_falsy_or_negative_clip_disables_clipping(problem, disabled):
   params, noise, target = problem
   noise = jax.tree.map(lambda n: 10 * n, noise)  # well beyond any clip value
-  unclipped = optax_trajectory(mxnet_ftml(0.01), params, noise, target)
+  unclipped = run(mxnet_ftml(0.01), params, noise, noisy_pull(target))[0]
   chex.assert_trees_all_equal(
-      optax_trajectory(mxnet_ftml(0.01, clip_gradient=disabled), params, noise,
-                       target), unclipped)
+      run(mxnet_ftml(0.01, clip_gradient=disabled), params, noise,
+          noisy_pull(target))[0], unclipped)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

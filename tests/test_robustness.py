@@ -16,22 +16,7 @@ import optax_ftml
 from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
-
-
-def trajectory(opt, params, xs, gradient_fn=None):
-  """Parameters after each step, and the final state, from a ``lax.scan``
-  over ``xs``: the gradients, or ``gradient_fn(params, x)``'s inputs."""
-
-  def step(carry, x):
-    p, state = carry
-    g = x if gradient_fn is None else gradient_fn(p, x)
-    updates, state = opt.update(g, state, p)
-    p = optax.apply_updates(p, updates)
-    return (p, state), p
-
-  run = jax.jit(lambda p, xs: jax.lax.scan(step, (p, opt.init(p)), xs))
-  (_, state), ps = run(params, xs)
-  return ps, state
+from scan_training import run
 
 
 def reference_trajectory(w0, grads, lrs, **kwargs):
@@ -84,7 +69,7 @@ def test_apply_if_finite_skips_bad_steps_and_training_resumes():
     poisoned[t, t % 5] = value
   w0 = rng.randn(5).astype(np.float32)
   opt = optax.apply_if_finite(optax_ftml.ftml(0.01, b1=0.7), max_consecutive_errors=5)
-  ps, state = trajectory(opt, jnp.asarray(w0), jnp.asarray(poisoned))
+  ps, state = run(opt, jnp.asarray(w0), jnp.asarray(poisoned))
   ps = np.asarray(ps)
 
   good = [t for t in range(steps) if t not in bad_steps]
@@ -118,7 +103,7 @@ def test_gradient_whose_square_overflows_is_bounded(huge, dtype):
   grads = jnp.asarray(np.random.RandomState(2).randn(60, 3), dtype)
   grads = grads.at[10, 0].set(huge)
   opt = optax_ftml.ftml(0.01)
-  ps, state = trajectory(opt, params, grads)
+  ps, state = run(opt, params, grads)
   assert all_finite((ps, state))
   first, _ = opt.update(grads[10], opt.init(params), params)
   # At t = 1 the step is -lr g / |g| for any finite gradient size.
@@ -159,7 +144,7 @@ def test_clipping_before_ftml_survives_overflowing_gradients(pre, huge):
   grads = rng.randn(40, 3).astype(np.float32)
   grads[5, 0] = huge
   grads[6, 1] = np.nan
-  ps, state = trajectory(opt, jnp.array([1.0, -2.0, 0.5]), jnp.asarray(grads))
+  ps, state = run(opt, jnp.array([1.0, -2.0, 0.5]), jnp.asarray(grads))
   assert all_finite((ps, state))
   # Training went on after the bad steps.
   assert np.all(np.asarray(ps[-1]) != np.asarray(ps[7]))
@@ -235,7 +220,7 @@ def test_bfloat16_state_freezes_the_second_moment():
 
   def final_v(state_dtype):
     opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
-    _, state = trajectory(opt, jnp.zeros(4, jnp.bfloat16),
+    _, state = run(opt, jnp.zeros(4, jnp.bfloat16),
                           grads.astype(jnp.bfloat16))
     return np.asarray(state.v, np.float32)
 
@@ -253,7 +238,7 @@ def test_tiny_gradients_stay_finite_and_match_mxnet(tiny):
   rng = np.random.RandomState(2)
   grads = (tiny * rng.choice([-1.0, 1.0], size=(200, 4))).astype(np.float32)
   w0 = np.array([1.0, -1.0, 1e-3, 0.0], np.float32)
-  ps, state = trajectory(optax_ftml.ftml(0.01), jnp.asarray(w0), jnp.asarray(grads))
+  ps, state = run(optax_ftml.ftml(0.01), jnp.asarray(w0), jnp.asarray(grads))
   assert all_finite((ps, state))
   expected, _ = reference_trajectory(w0, grads, np.full(200, 0.01, np.float32))
   np.testing.assert_allclose(ps, expected, rtol=1e-6, atol=1e-30)
@@ -267,10 +252,10 @@ def test_scale_invariance_with_eps_zero():
   grads = rng.randn(50, 6).astype(np.float32)
   w0 = jnp.asarray(rng.randn(6).astype(np.float32))
   opt = optax_ftml.ftml(0.01, eps=0.0)
-  unit, _ = trajectory(opt, w0, jnp.asarray(grads))
-  small, _ = trajectory(opt, w0, jnp.asarray(grads * np.float32(1e-15)))
+  unit, _ = run(opt, w0, jnp.asarray(grads))
+  small, _ = run(opt, w0, jnp.asarray(grads * np.float32(1e-15)))
   np.testing.assert_allclose(small, unit, rtol=1e-5)
-  vanishing, state = trajectory(opt, w0, jnp.asarray(grads * np.float32(1e-30)))
+  vanishing, state = run(opt, w0, jnp.asarray(grads * np.float32(1e-30)))
   np.testing.assert_array_equal(vanishing[-1], w0)
   assert all_finite(state)
 
@@ -307,7 +292,7 @@ def test_largest_float32_beta2_below_one():
   rng = np.random.RandomState(4)
   grads = rng.randn(300, 8).astype(np.float32)
   w0 = rng.randn(8).astype(np.float32)
-  ps, state = trajectory(optax_ftml.ftml(0.01, b2=b2), jnp.asarray(w0),
+  ps, state = run(optax_ftml.ftml(0.01, b2=b2), jnp.asarray(w0),
                          jnp.asarray(grads))
   assert all_finite((ps, state))
   expected, _ = reference_trajectory(w0, grads, np.full(300, 0.01, np.float32),
@@ -323,7 +308,7 @@ def test_eps_zero_matches_mxnet_where_mxnet_is_defined():
   grads[:, 3] = 0
   grads[:20, 2] = 0  # zero at first, then not
   w0 = rng.randn(4).astype(np.float32)
-  ps, _ = trajectory(optax_ftml.ftml(0.01, eps=0.0), jnp.asarray(w0),
+  ps, _ = run(optax_ftml.ftml(0.01, eps=0.0), jnp.asarray(w0),
                      jnp.asarray(grads))
   with np.errstate(invalid="ignore", divide="ignore"):
     expected, _ = reference_trajectory(w0, grads, np.full(100, 0.01, np.float32),
@@ -348,7 +333,7 @@ def test_extreme_learning_rates_follow_the_math_in_float64(learning_rate, tolera
   grads = rng.randn(100, 5)
   w0 = rng.randn(5)
   with jax.enable_x64(True):
-    ps, state = trajectory(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
+    ps, state = run(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
                            jnp.asarray(grads))
     ps = np.asarray(ps)
   assert ps.dtype == np.float64 and all_finite(state)
@@ -369,7 +354,7 @@ def test_extreme_learning_rates_in_float32_are_as_accurate_as_mxnet(learning_rat
   rng = np.random.RandomState(7)
   grads = rng.randn(100, 5).astype(np.float32)
   w0 = rng.randn(5).astype(np.float32)
-  ps, state = trajectory(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
+  ps, state = run(optax_ftml.ftml(learning_rate), jnp.asarray(w0),
                          jnp.asarray(grads))
   assert all_finite((ps, state))
   ps = np.asarray(ps)
