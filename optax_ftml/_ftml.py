@@ -185,6 +185,10 @@ def _compute_dtype(param_dtype: Any, z_dtype: Any) -> jnp.dtype:
 def _buffer_dtypes(param_dtype: Any, state_dtype: Any) -> tuple[Any, Any]:
   """Storage dtypes of ``z`` and of the real buffers ``v`` and ``d_prev``."""
   if state_dtype is None:
+    if param_dtype == jnp.float16:
+      # FTML's state leaves float16's range: (1 - b2) g**2 is subnormal for
+      # |g| < 0.25 and 0 below 5e-3, d ~ |g| / lr overflows beyond 6.5e4.
+      return jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)
     return param_dtype, _real_dtype(param_dtype)
   if jnp.issubdtype(param_dtype, jnp.complexfloating):
     return _promote(state_dtype, jnp.complex64), state_dtype
@@ -260,7 +264,8 @@ def ftml(
     float64 for float64 parameters), and the per-element arithmetic runs in
     at least float32, so bfloat16 and float16 parameters neither lose the
     bias correction nor flush ``eps = 1e-8`` to zero; results are rounded to
-    the parameters' and the state's dtypes.
+    the parameters' and the state's dtypes. As in MXNet's kernel, ``d_t`` is
+    computed from the stored ``v_t`` and the weights from the stored ``z_t``.
   * Complex parameters use :math:`|g|^2` in :math:`v`; ``v`` and ``d_prev``
     are real.
   * ``recompute_d_prev=True`` stores two buffers per parameter, as Adam does,
@@ -281,7 +286,8 @@ def ftml(
       ``epsilon``.
     state_dtype: optional floating dtype of ``v``, ``z`` and ``d_prev`` (e.g.
       ``jnp.float32`` for bfloat16 parameters); by default the parameters'
-      dtype (its real part for ``v`` and ``d_prev``).
+      dtype (its real part for ``v`` and ``d_prev``), except float32 for
+      float16 parameters, whose range cannot hold FTML's state.
     recompute_d_prev: keyword only; if true, recompute ``d_prev`` at each
       step instead of storing it (see above): Adam's memory, and about 20%
       less memory traffic per step than the default state.
@@ -387,13 +393,20 @@ def ftml(
     now_by_dtype = {real: _Coefficients.at(count_inc, lr, b1, b2, eps, real)
                     for real in set(reals)}
     now = [now_by_dtype[real] for real in reals]
+    # As in MXNet's kernel, d_t is computed from the stored v_t and the
+    # weights from the stored z_t (d_t itself stays in the computation dtype
+    # within the step). With a lower-precision state this lets each loop
+    # below read stored arrays only, never a wider intermediate.
+    def as_stored(x, like, real):
+      return x.astype(like.dtype).astype(real)
+
     if recompute_d_prev:
       # The same operations on the same values as when d_{t-1} was computed
       # from v_{t-1}, hence the same result; 0 before the first step.
       before = {real: _Coefficients.at(state.count, state.prev_learning_rate,
                                        b1, b2, eps, real)
                 for real in set(reals)}
-      d_prevs = [before[real].diagonal(v.astype(real))
+      d_prevs = [as_stored(before[real].diagonal(v.astype(real)), v, real)
                  for v, real in zip(vs, reals, strict=True)]
     else:
       stored_d_prevs = treedef.flatten_up_to(state.d_prev)
@@ -406,21 +419,18 @@ def ftml(
     # over memory; the square root is free next to them).
     grads = [_bounded(g.astype(compute), c.grad_bound)
              for g, compute, c in zip(grads, computes, now, strict=True)]
-    v_news, z_news = [], []
+    z_outs = []
     for g, w, v, z, d_prev, compute, c in zip(grads, weights, vs, zs, d_prevs,
                                               computes, now, strict=True):
-      v_new = c.second_moment(v.astype(c.real), g)
-      d_t = c.diagonal(v_new)
+      v_t = as_stored(c.second_moment(v.astype(c.real), g), v, c.real)
+      d_t = c.diagonal(v_t)
       z_new = (c.beta1.astype(compute) * z.astype(compute)
                + c.one_minus_beta1.astype(compute) * g) - (
                    d_t - c.beta1 * d_prev).astype(compute) * w.astype(compute)
       # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
       # far): the step -(1 - b1) g / d_t is then 0/0, taken as 0. Either way
       # the weight stays and z = 0 keeps z + d_t w = 0.
-      v_news.append(v_new)
-      z_news.append(jnp.where(d_t == 0, 0, z_new))
-    z_outs = [z_new.astype(z.dtype)
-              for z_new, z in zip(z_news, zs, strict=True)]
+      z_outs.append(jnp.where(d_t == 0, 0, z_new).astype(z.dtype))
 
     # With donation an array is updated in place, so it must be written after
     # every loop that reads its old value; XLA copies it unless a data
@@ -434,19 +444,22 @@ def ftml(
       return jnp.where(never, other, x)
 
     steps, v_outs, d_outs = [], [], []
-    for g, w, v, z_new, z_out, v_new, compute, c in zip(
-        grads, weights, vs, z_news, z_outs, v_news, computes, now, strict=True):
+    for g, w, v, z_out, compute, c in zip(grads, weights, vs, z_outs, computes,
+                                          now, strict=True):
       after_z = jnp.real(z_out).astype(c.real)
+      v_t = c.second_moment(v.astype(c.real), g)
       if recompute_d_prev:
         # The z loop read the old v (for d_{t-1}): write the new v after it.
-        v_new = c.second_moment(unmerged(v.astype(c.real), after_z), g)
-        d_t = c.diagonal(v_new)
-      else:
-        d_outs.append(c.diagonal(unmerged(v_new, after_z)))
-        d_t = c._replace(inv_bias2=unmerged(c.inv_bias2, 0)).diagonal(v_new)
-      v_outs.append(v_new.astype(v.dtype))
+        v_t = c.second_moment(unmerged(v.astype(c.real), after_z), g)
+      v_out = v_t.astype(v.dtype)
+      v_t = v_out.astype(c.real)
+      if not recompute_d_prev:
+        d_outs.append(c.diagonal(unmerged(v_t, after_z)).astype(v.dtype))
+      d_t = c._replace(inv_bias2=unmerged(c.inv_bias2, 0)).diagonal(v_t)
+      v_outs.append(v_out)
       steps.append(jnp.where(
-          d_t == 0, 0, -z_new / d_t.astype(compute) - w.astype(compute)
+          d_t == 0, 0,
+          -z_out.astype(compute) / d_t.astype(compute) - w.astype(compute)
       ).astype(w.dtype))
 
     step, v, z = (treedef.unflatten(x) for x in (steps, v_outs, z_outs))
@@ -454,9 +467,7 @@ def ftml(
       return step, FTMLLeanState(
           count=count_inc, v=v, z=z, prev_learning_rate=jnp.asarray(
               lr, state.prev_learning_rate.dtype))
-    d_prev = treedef.unflatten(
-        [d.astype(old.dtype)
-         for d, old in zip(d_outs, stored_d_prevs, strict=True)])
+    d_prev = treedef.unflatten(d_outs)
     return step, FTMLState(count=count_inc, v=v, z=z, d_prev=d_prev)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -53,18 +53,24 @@ def preprocess_gradient(grad, weight, *, rescale_grad=1.0, clip_gradient=None,
 
 
 def ftml_update(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
-                beta2=0.999, epsilon=1e-8, **preprocessing):
-  """One MXNet ``ftml_update`` call; returns the new weight, updates slots."""
+                beta2=0.999, epsilon=1e-8, store=lambda x: x, **preprocessing):
+  """One MXNet ``ftml_update`` call; returns the new weight, updates slots.
+
+  ``store`` rounds a value as its slot stores it (the identity when slots and
+  weight share a dtype, as in MXNet's kernel); like the kernel, later lines
+  use the stored ``v`` and ``z``, and the local ``d_t``.
+  """
   dtype = weight.dtype.type
   lr, beta1, beta2, epsilon, t = (
       np.asarray(x, dtype) for x in (lr, beta1, beta2, epsilon, t))
   one = dtype(1)
   g = preprocess_gradient(grad, weight, **preprocessing)
-  slots.v = beta2 * slots.v + (one - beta2) * (g * g)
+  slots.v = store(beta2 * slots.v + (one - beta2) * (g * g))
   d_t = ((one - np.power(beta1, t)) / lr) * (
       np.sqrt(slots.v / (one - np.power(beta2, t))) + epsilon)
-  slots.z = (beta1 * slots.z + (one - beta1) * g) - (d_t - beta1 * slots.d) * weight
-  slots.d = d_t
+  slots.z = store(
+      (beta1 * slots.z + (one - beta1) * g) - (d_t - beta1 * slots.d) * weight)
+  slots.d = store(d_t)
   return (-slots.z) / d_t
 
 
@@ -102,15 +108,19 @@ def ftml_update_low_precision(weight, grad, slots: FTMLSlots, **kwargs):
   """A half-precision weight updated by the float32 kernel, Optax-style.
 
   The weight, gradient and slots are widened to float32 (exactly), the
-  kernel runs in float32, the slots are rounded back to their own dtype, and
-  the weight is moved by its update rounded to the weight dtype, as
-  ``optax.apply_updates(w, updates)`` does: ``w + round(w_new - w)``, the sum
-  rounded to the weight dtype. Returns the new weight; updates the slots.
+  kernel's arithmetic runs in float32 with ``v``, ``z`` and ``d`` rounded to
+  the slots' dtype where the kernel stores them (later lines use the stored
+  ``v`` and ``z``, as in the kernel), and the weight is moved by its update
+  rounded to the weight dtype, as ``optax.apply_updates(w, updates)`` does:
+  ``w + round(w_new - w)``, the sum rounded to the weight dtype. Returns the
+  new weight; updates the slots.
   """
   f32 = np.float32
+  state_dtype = slots.v.dtype
   wide = FTMLSlots(*(np.asarray(s, f32) for s in (slots.d, slots.v, slots.z)))
   w32 = np.asarray(weight, f32)
-  new = ftml_update(w32, np.asarray(grad, f32), wide, **kwargs)
+  new = ftml_update(w32, np.asarray(grad, f32), wide,
+                    store=lambda x: x.astype(state_dtype).astype(f32), **kwargs)
   slots.d, slots.v, slots.z = (x.astype(s.dtype) for x, s in (
       (wide.d, slots.d), (wide.v, slots.v), (wide.z, slots.z)))
   step = (new - w32).astype(weight.dtype)

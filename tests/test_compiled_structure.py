@@ -54,7 +54,10 @@ def test_the_counting_sees_a_straightforward_implementations_copies():
   assert array_ops(entry, "copy") or len(array_ops(entry, "fusion")) > 4
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64])
+# bfloat16 keeps a bfloat16 state, float16 a float32 one: every loop reads the
+# stored (rounded) arrays, never a float32 intermediate of another loop.
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.complex64, jnp.bfloat16,
+                                   jnp.float16])
 @pytest.mark.parametrize("recompute_d_prev, outputs_per_leaf", [
     (False, 4),  # parameters, v, z, d_prev
     (True, 3),  # parameters, v, z: as many as Adam

@@ -218,7 +218,7 @@ def test_ten_thousand_steps_stay_finite(setup):
   assert float(jnp.max(jnp.abs(p.astype(jnp.float32)))) > 0
 
 
-@pytest.mark.parametrize("state_dtype", [None, jnp.float32])
+@pytest.mark.parametrize("state_dtype", [None, jnp.float16])
 def test_float16_default_eps_does_not_hit_mxnet_zero_over_zero(state_dtype):
   """MXNet's float16 kernel (without multi_precision) rounds eps = 1e-8 to 0
   and squares in float16: a zero gradient gives 0/0, 1e-4 underflows v to 0,
@@ -237,7 +237,7 @@ def test_float16_default_eps_does_not_hit_mxnet_zero_over_zero(state_dtype):
   updates, state = opt.update(jnp.asarray(grad), opt.init(jnp.asarray(weight)),
                               jnp.asarray(weight))
   new = optax.apply_updates(jnp.asarray(weight), updates)
-  slots = FTMLSlots(*(np.zeros(4, state_dtype or np.float16),) * 3)
+  slots = FTMLSlots(*(np.zeros(4, state_dtype or np.float32),) * 3)
   expected = ftml_update_low_precision(weight, grad, slots, lr=0.0025, t=1)
   assert new.dtype == jnp.float16 and np.all(np.isfinite(new))
   np.testing.assert_array_equal(new, expected)
@@ -246,6 +246,12 @@ def test_float16_default_eps_does_not_hit_mxnet_zero_over_zero(state_dtype):
     assert ours.dtype == theirs.dtype
     np.testing.assert_allclose(np.asarray(ours, np.float32),
                                theirs.astype(np.float32), rtol=ulp(ours.dtype))
+  if state_dtype is not None:
+    # In a float16 state z = -d w is subnormal there (d = 1.6e-6) and
+    # (1 - b2) g**2 underflows for g = 1e-4: the stored values lose the step
+    # (see test_robustness.test_float16_state_is_unsafe_hence_float32_by_default).
+    assert new[0] != weight[0]
+    return
   assert new[0] == weight[0]  # zero gradient: no step
   # The first step is -lr * sign(g) for every non-zero gradient, up to the
   # rounding of the new weight to float16.

@@ -184,13 +184,14 @@ def test_zero_gradients_for_100k_steps(dtype, state_dtype, eps):
     np.testing.assert_array_less(np.abs(w - w0), 4 * ulp * np.abs(w0) + 1e-37)
 
 
-@pytest.mark.parametrize("gradient", [0.0, 300.0])
-def test_float16_state_is_unsafe(gradient):
-  """Why float16 parameters want ``state_dtype=jnp.float32``: d scales as
-  (|g| + eps) / lr and z as d * w, which float16 cannot hold. With zero
-  gradients d = eps (1 - b1**t) / lr is subnormal, z = -d w keeps a few
-  bits and the leader -z/d jitters until large weights overflow; with
-  |g| = 300 (lr = 0.0025) d overflows at the second step."""
+@pytest.mark.parametrize("gradient", [0.0, 1e-3, 300.0])
+def test_float16_state_is_unsafe_hence_float32_by_default(gradient):
+  """Why float16 parameters get a float32 state unless told otherwise: d
+  scales as (|g| + eps) / lr and z as d * w, which float16 cannot hold. With
+  zero gradients d = eps (1 - b1**t) / lr is subnormal and z = -d w keeps a
+  few bits: the leader -z/d jitters until large weights overflow; with
+  |g| = 1e-3, (1 - b2) g**2 underflows to 0, d falls to eps / lr and the
+  steps explode; with |g| = 300 (lr = 0.0025) d overflows."""
   w0 = jnp.array([-3.0, 1.0, 2.5, -6e4], jnp.float16)
 
   def run(state_dtype):
@@ -201,15 +202,20 @@ def test_float16_state_is_unsafe(gradient):
       updates, state = opt.update(jnp.full_like(p, gradient), state, p)
       return (optax.apply_updates(p, updates), state), None
 
-    (w, _), _ = jax.jit(lambda p: jax.lax.scan(
+    (w, state), _ = jax.jit(lambda p: jax.lax.scan(
         step, (p, opt.init(p)), length=1000))(w0)
-    return np.asarray(w)
+    return np.asarray(w), state.v.dtype
 
-  assert not np.all(np.isfinite(run(jnp.float16)))
-  with_float32_state = run(jnp.float32)
-  assert np.all(np.isfinite(with_float32_state))
+  float16_state, dtype = run(jnp.float16)
+  assert dtype == jnp.float16
+  assert not np.all(np.isfinite(float16_state))
+  default, dtype = run(None)
+  assert dtype == jnp.float32
+  with_float32_state, _ = run(jnp.float32)
+  np.testing.assert_array_equal(default, with_float32_state)
+  assert np.all(np.isfinite(default))
   if gradient == 0:
-    np.testing.assert_array_equal(with_float32_state, np.asarray(w0))
+    np.testing.assert_array_equal(default, np.asarray(w0))
 
 
 def test_bfloat16_state_freezes_the_second_moment():
