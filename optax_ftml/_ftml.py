@@ -109,11 +109,18 @@ def _bounded(g: jax.Array, bound: jax.Array) -> jax.Array:
 
   def limit(x, bound):
     # Infinities pass: like NaN, they propagate as in every Optax optimizer.
-    return jnp.where(jnp.isinf(x), x, jnp.clip(x, -bound, bound))
+    return jax.lax.select(jnp.abs(x) == jnp.inf, x,
+                          jax.lax.clamp(-bound, x, bound))
 
   if jnp.iscomplexobj(g):
     return jax.lax.complex(limit(g.real, bound / 2), limit(g.imag, bound / 2))
   return limit(g, bound)
+
+
+def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
+  """``jnp.where(condition, 0, x)`` as one primitive (the per-leaf update is
+  written with ``lax`` operations: fewer to trace and to compile)."""
+  return jax.lax.select(condition, jnp.zeros_like(x), x)
 
 
 def _is_concrete_real(value: Any) -> bool:
@@ -419,18 +426,18 @@ def ftml(
     # over memory; the square root is free next to them).
     grads = [_bounded(g.astype(compute), c.grad_bound)
              for g, compute, c in zip(grads, computes, now, strict=True)]
-    z_outs = []
+    v_outs, z_outs = [], []
     for g, w, v, z, d_prev, compute, c in zip(grads, weights, vs, zs, d_prevs,
                                               computes, now, strict=True):
-      v_t = as_stored(c.second_moment(v.astype(c.real), g), v, c.real)
-      d_t = c.diagonal(v_t)
+      v_outs.append(c.second_moment(v.astype(c.real), g).astype(v.dtype))
+      d_t = c.diagonal(v_outs[-1].astype(c.real))
       z_new = (c.beta1.astype(compute) * z.astype(compute)
                + c.one_minus_beta1.astype(compute) * g) - (
                    d_t - c.beta1 * d_prev).astype(compute) * w.astype(compute)
       # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
       # far): the step -(1 - b1) g / d_t is then 0/0, taken as 0. Either way
       # the weight stays and z = 0 keeps z + d_t w = 0.
-      z_outs.append(jnp.where(d_t == 0, 0, z_new).astype(z.dtype))
+      z_outs.append(_zero_where(d_t == 0, z_new).astype(z.dtype))
 
     # With donation an array is updated in place, so it must be written after
     # every loop that reads its old value; XLA copies it unless a data
@@ -441,24 +448,25 @@ def ftml(
     # would materialize (an expensive operation used by several loops).
     never = count_inc < 0
     def unmerged(x, other):
-      return jnp.where(never, other, x)
+      return jax.lax.select(never, other, x)
 
-    steps, v_outs, d_outs = [], [], []
-    for g, w, v, z_out, compute, c in zip(grads, weights, vs, z_outs, computes,
-                                          now, strict=True):
+    # The weights' loop computes d_t from scalars of its own.
+    apart = {real: c._replace(inv_bias2=unmerged(c.inv_bias2, jnp.zeros_like(
+        c.inv_bias2))) for real, c in now_by_dtype.items()}
+    steps, d_outs = [], []
+    for i, (w, v, z_out, compute, c) in enumerate(
+        zip(weights, vs, z_outs, computes, now, strict=True)):
       after_z = jnp.real(z_out).astype(c.real)
-      v_t = c.second_moment(v.astype(c.real), g)
       if recompute_d_prev:
         # The z loop read the old v (for d_{t-1}): write the new v after it.
-        v_t = c.second_moment(unmerged(v.astype(c.real), after_z), g)
-      v_out = v_t.astype(v.dtype)
-      v_t = v_out.astype(c.real)
+        v_outs[i] = c.second_moment(unmerged(v.astype(c.real), after_z),
+                                    grads[i]).astype(v.dtype)
+      v_t = v_outs[i].astype(c.real)
       if not recompute_d_prev:
         d_outs.append(c.diagonal(unmerged(v_t, after_z)).astype(v.dtype))
-      d_t = c._replace(inv_bias2=unmerged(c.inv_bias2, 0)).diagonal(v_t)
-      v_outs.append(v_out)
-      steps.append(jnp.where(
-          d_t == 0, 0,
+      d_t = apart[c.real].diagonal(v_t)
+      steps.append(_zero_where(
+          d_t == 0,
           -z_out.astype(compute) / d_t.astype(compute) - w.astype(compute)
       ).astype(w.dtype))
 
