@@ -251,7 +251,7 @@ def benchmark(quick: bool):
           "learning_rate": grid[best],
           "at_grid_edge": best in (0, len(grid) - 1),
           "validation_loss_by_learning_rate": dict(zip(
-              map(str, grid), validation.tolist())),
+              map(str, grid), validation.tolist(), strict=True)),
           "final_train_loss": float(np.mean(losses[best, :, -max(1, steps // 20):])),
           "curve_mean": losses[best].mean(0).tolist(),
           "curve_std": losses[best].std(0).tolist(),
@@ -279,7 +279,7 @@ def markdown(results, seeds) -> str:
     for name, r in row["optimizers"].items():
       accuracy = (f"{100 * r['test accuracy'][0]:.1f} ± "
                   f"{100 * r['test accuracy'][1]:.1f} %"
-                  if "test accuracy" in r else "–")
+                  if "test accuracy" in r else "-")
       lines.append(
           f"| {task} | {name} | {r['learning_rate']:g}"
           f"{'*' if r['at_grid_edge'] else ''} | {r['final_train_loss']:.4f}"

@@ -16,6 +16,7 @@ Writes ``speed.json`` and ``speed.md`` to ``--out`` (``benchmarks/results``).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import pathlib
 import platform
@@ -26,7 +27,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import optax_ftml
@@ -51,7 +51,7 @@ def conv_net_shapes(width: int, stages: int
   channels = [3] + [width] * stages + [2 * width] * stages + [
       3 * width] * stages + [4 * width] * (stages - 1)
   shapes = {}
-  for i, (c_in, c_out) in enumerate(zip(channels, channels[1:])):
+  for i, (c_in, c_out) in enumerate(itertools.pairwise(channels)):
     shapes[f"conv{i:02d}"] = {"kernel": (3, 3, c_in, c_out), "bias": (c_out,),
                               "scale": (c_out,), "offset": (c_out,)}
   shapes["head"] = {"kernel": (2 * channels[-1], 8 * width),
@@ -79,7 +79,7 @@ def make_params(shapes, dtype, seed):
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   return treedef.unflatten([
       (0.1 * jax.random.normal(k, s, jnp.float32)).astype(dtype)
-      for k, s in zip(keys, leaves)])
+      for k, s in zip(keys, leaves, strict=True)])
 
 
 def step_fn(optimizer, donate: bool):
@@ -103,7 +103,9 @@ def tree_bytes(tree) -> int:
 
 
 def time_steps(names, params, grads, donate, repetitions, steps):
-  """Median seconds per step of each optimizer, interleaved."""
+  """Per optimizer: the median seconds per step, and the median over rounds
+  of its time divided by Adam's in the same round (the optimizers run
+  interleaved, so a change of machine load affects a round's times alike)."""
   runs = {}
   for name in names:
     optimizer = OPTIMIZERS[name]()
@@ -123,7 +125,9 @@ def time_steps(names, params, grads, donate, repetitions, steps):
       jax.block_until_ready((p, s))
       times[name].append((time.perf_counter() - start) / steps)
       runs[name][1:] = [p, s]
-  return {name: statistics.median(t) for name, t in times.items()}
+  return {name: (statistics.median(t), statistics.median(
+      x / a for x, a in zip(t, times["adam"], strict=True)))
+          for name, t in times.items()}
 
 
 def time_first_call(names, params, grads, repetitions):
@@ -146,6 +150,68 @@ def time_first_call(names, params, grads, repetitions):
           {name: statistics.median(t) for name, t in cpu.items()}, texts)
 
 
+def loop_reads(compiled_text: str) -> list[int]:
+  """The number of array operands of each array-valued loop (fusion) of the
+  compiled entry computation: the arrays it streams from memory."""
+  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  types = dict(re.findall(r"%(\S+) = (\w+\[[^\]]*\])", entry))
+  reads = []
+  for operands in re.findall(r"= \w+\[\d[^\]]*\]\S* fusion\(([^)]*)\)",
+                             entry):
+    names = [o.strip().lstrip("%") for o in
+             re.sub(r"/\*index=\d+\*/", "", operands).split(",")]
+    reads.append(sum(re.match(r"\w+\[\d", types[n]) is not None
+                     for n in names))
+  return reads
+
+
+def streaming_times(size: int, max_reads: int, repetitions: int
+                    ) -> dict[int, float]:
+  """Median seconds of a loop that reads ``k`` float32 arrays of ``size`` and
+  writes one of them in place, for k = 1 .. max_reads (interleaved)."""
+  arrays = [jnp.full((size,), 1.0 + i / 8, jnp.float32)
+            for i in range(max_reads)]
+
+  def kernel(*xs):
+    return sum(((0.5 + i / 16) * x for i, x in enumerate(xs)), start=xs[0])
+
+  loops = {k: jax.jit(kernel, donate_argnums=0) for k in range(1, max_reads + 1)}
+  outputs = {k: loops[k](jnp.copy(arrays[0]), *arrays[1:k]) for k in loops}
+  times = {k: [] for k in loops}
+  for _ in range(repetitions):
+    for k, loop in loops.items():
+      start = time.perf_counter()
+      outputs[k] = loop(outputs[k], *arrays[1:k])
+      outputs[k].block_until_ready()
+      times[k].append(time.perf_counter() - start)
+  return {k: statistics.median(t) for k, t in times.items()}
+
+
+def streaming_floor(size: int, measured: dict, repetitions: int) -> dict:
+  """Where the step time of one large float32 leaf goes: each optimizer's
+  compiled loops and the time of streaming loops with the same numbers of
+  arrays, next to the measured donated step."""
+  params = make_params({"w": (size,)}, jnp.float32, seed=0)
+  structure = {}
+  for name in OPTIMIZERS:
+    optimizer = OPTIMIZERS[name]()
+    text = step_fn(optimizer, donate=True).lower(
+        params, optimizer.init(params), params).compile().as_text()
+    structure[name] = loop_reads(text)
+  per_loop = streaming_times(
+      size, max(max(r) for r in structure.values()), repetitions)
+  floors = {name: sum(per_loop[k] for k in reads)
+            for name, reads in structure.items()}
+  return {"size": size,
+          "loop_s_by_arrays_read": {str(k): t for k, t in per_loop.items()},
+          "optimizers": {name: {
+              "arrays_read_per_loop": structure[name],
+              "floor_s": floors[name],
+              "floor_ratio": floors[name] / floors["adam"],
+              "measured_ratio": measured[name]["ratio_donated"],
+          } for name in OPTIMIZERS}}
+
+
 def benchmark(quick: bool) -> dict:
   names = list(OPTIMIZERS)
   repetitions = 3 if quick else 15
@@ -163,24 +229,27 @@ def benchmark(quick: bool) -> dict:
                                               1 if quick else 3)
     for name in names:
       row["optimizers"][name] = {
-          "step_s_donated": donated[name],
-          "step_s_undonated": undonated[name],
+          "step_s_donated": donated[name][0],
+          "ratio_donated": donated[name][1],
+          "step_s_undonated": undonated[name][0],
+          "ratio_undonated": undonated[name][1],
           "first_call_s": first[name],
           "first_call_cpu_s": first_cpu[name],
           "state_bytes": tree_bytes(OPTIMIZERS[name]().init(params)),
           **compiled_structure(texts[name]),
       }
-    for name, r in row["optimizers"].items():
-      adam = row["optimizers"]["adam"]
-      r["ratio_donated"] = r["step_s_donated"] / adam["step_s_donated"]
-      r["ratio_undonated"] = r["step_s_undonated"] / adam["step_s_undonated"]
+    adam = row["optimizers"]["adam"]
+    for r in row["optimizers"].values():
       r["ratio_first_call"] = r["first_call_s"] / adam["first_call_s"]
       r["ratio_first_call_cpu"] = (r["first_call_cpu_s"]
                                    / adam["first_call_cpu_s"])
       r["ratio_state_bytes"] = r["state_bytes"] / adam["state_bytes"]
     results[model] = row
     print(f"done: {model}", flush=True)
-  return results
+  large = list(results.values())[1]
+  floor = streaming_floor(large["parameters"], large["optimizers"],
+                          repetitions)
+  return results, floor
 
 
 def markdown(results: dict) -> str:
@@ -202,6 +271,24 @@ def markdown(results: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def floor_markdown(floor: dict) -> str:
+  loops = ", ".join(f"{k}: {t * 1e3:.2f} ms" for k, t in
+                    floor["loop_s_by_arrays_read"].items())
+  lines = [
+      f"Streaming floor, one float32 leaf of {floor['size']:,} parameters."
+      f" A loop reading k arrays and writing one in place takes ({loops}).",
+      "",
+      "| optimizer | arrays read by each loop | floor | floor ratio |"
+      " measured ratio |",
+      "| --- | --- | ---: | ---: | ---: |"]
+  for name, r in floor["optimizers"].items():
+    lines.append(
+        f"| {name} | {' + '.join(map(str, r['arrays_read_per_loop']))}"
+        f" | {r['floor_s'] * 1e3:.2f} ms | {r['floor_ratio']:.2f}"
+        f" | {r['measured_ratio']:.2f} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -209,8 +296,8 @@ def main(argv=None) -> None:
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
                       help="directory for speed.json and speed.md")
   args = parser.parse_args(argv)
-  results = benchmark(args.quick)
-  table = markdown(results)
+  results, floor = benchmark(args.quick)
+  table = markdown(results) + "\n" + floor_markdown(floor)
   args.out.mkdir(parents=True, exist_ok=True)
   environment = {
       "jax": jax.__version__, "optax": optax.__version__,
@@ -218,7 +305,8 @@ def main(argv=None) -> None:
       "cpu": platform.processor() or platform.machine(),
       "cpu_count": __import__("os").cpu_count(), "quick": args.quick}
   (args.out / "speed.json").write_text(json.dumps(
-      {"environment": environment, "results": results}, indent=2) + "\n")
+      {"environment": environment, "results": results,
+       "streaming_floor": floor}, indent=2) + "\n")
   (args.out / "speed.md").write_text(table)
   print(table)
 

@@ -19,8 +19,17 @@ def run_quick(script, out):
 
 def test_speed_benchmark_writes_its_table_and_numbers(tmp_path):
   run_quick("speed.py", tmp_path)
-  results = json.loads((tmp_path / "speed.json").read_text())["results"]
+  output = json.loads((tmp_path / "speed.json").read_text())
+  results = output["results"]
   table = (tmp_path / "speed.md").read_text()
+  # Where the time goes: the loops' array reads, from the compiled steps.
+  floor = output["streaming_floor"]["optimizers"]
+  assert "Streaming floor" in table
+  assert floor["adam"]["arrays_read_per_loop"] == [2, 2, 3]
+  assert sorted(floor["ftml"]["arrays_read_per_loop"]) == [2, 2, 3, 5]
+  assert sorted(floor["ftml (recompute_d_prev)"]["arrays_read_per_loop"]) == [
+      3, 3, 4]
+  assert all(r["floor_s"] > 0 for r in floor.values())
   assert len(results) == 4
   for model, row in results.items():
     assert model in table
