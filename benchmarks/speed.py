@@ -93,10 +93,15 @@ def step_fn(optimizer, donate: bool):
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
+def entry_computation(compiled_text: str) -> str:
+  """The entry computation of a compiled module's text (its loops and copies)."""
+  return compiled_text[compiled_text.index("\nENTRY"):]
+
+
 def compiled_structure(compiled_text: str) -> dict[str, int]:
   """Loops over arrays (fusions with a non-scalar result) and array copies
   in the compiled step."""
-  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  entry = entry_computation(compiled_text)
   array_ops = re.findall(r"= \w+\[\d[^\]]*\]\S* (fusion|copy)\(", entry)
   return {"array_loops": array_ops.count("fusion"),
           "array_copies": array_ops.count("copy")}
@@ -160,7 +165,7 @@ def loop_reads(compiled_text: str) -> list[int]:
   also an array that FTML passes to a never-taken select to order the
   in-place updates (the compiled loop does not load it: such a select adds
   ~4% to a loop reading one array, a real read ~70%)."""
-  entry = compiled_text[compiled_text.index("\nENTRY"):]
+  entry = entry_computation(compiled_text)
   types = dict(re.findall(r"%(\S+) = (\w+\[[^\]]*\])", entry))
   reads = []
   for operands in re.findall(r"= \w+\[\d[^\]]*\]\S* fusion\(([^)]*)\)",

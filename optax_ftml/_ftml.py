@@ -404,17 +404,15 @@ def ftml(
     # weights from the stored z_t (d_t itself stays in the computation dtype
     # within the step). With a lower-precision state this lets each loop
     # below read stored arrays only, never a wider intermediate.
-    def as_stored(x, like, real):
-      return x.astype(like.dtype).astype(real)
-
     if recompute_d_prev:
       # The same operations on the same values as when d_{t-1} was computed
-      # from v_{t-1}, hence the same result; 0 before the first step.
+      # from v_{t-1}, rounded as the default state stores it: the same d_prev.
+      # 0 before the first step.
       before = {real: _Coefficients.at(state.count, state.prev_learning_rate,
                                        b1, b2, eps, real)
                 for real in set(reals)}
-      d_prevs = [as_stored(before[real].diagonal(v.astype(real)), v, real)
-                 for v, real in zip(vs, reals, strict=True)]
+      d_prevs = [before[real].diagonal(v.astype(real)).astype(v.dtype)
+                 .astype(real) for v, real in zip(vs, reals, strict=True)]
     else:
       stored_d_prevs = treedef.flatten_up_to(state.d_prev)
       d_prevs = [d.astype(real)
