@@ -52,7 +52,7 @@ def save_npz(path, arrays):
   with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
     for name, array in arrays.items():
       buffer = io.BytesIO()
-      np.lib.format.write_array(buffer, np.ascontiguousarray(array),
+      np.lib.format.write_array(buffer, np.asarray(array),
                                 allow_pickle=False)
       info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
       info.compress_type = zipfile.ZIP_DEFLATED
