@@ -184,9 +184,14 @@ def read_mxnet_params(
     TypeError: if ``file`` is neither a path nor bytes.
 
   Examples:
-    >>> params = read_mxnet_params("model.params")  # doctest: +SKIP
-    >>> params["0.weight"].shape  # doctest: +SKIP
-    (8, 64)
+    A Gluon checkpoint shipped with this package (a convolution and a Dense
+    layer):
+
+    >>> import importlib.resources
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> params = read_mxnet_params(example / "model.params")
+    >>> {name: array.shape for name, array in params.items()}
+    {'0.weight': (4, 1, 3, 3), '0.bias': (4,), '3.weight': (10, 64), '3.bias': (10,)}
   """
   data, source = _source_bytes(file)
   reader = _Bytes(data, source)
@@ -377,11 +382,14 @@ def read_mxnet_trainer_states(
     TypeError: if ``file`` is neither a path nor bytes.
 
   Examples:
-    >>> saved = read_mxnet_trainer_states("trainer.states")  # doctest: +SKIP
-    >>> optimizer = saved.optimizer  # doctest: +SKIP
-    >>> optimizer.class_name, optimizer.attributes["num_update"]  # doctest: +SKIP
+    >>> import importlib.resources
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> saved = read_mxnet_trainer_states(example / "trainer.states")
+    >>> saved.optimizer.class_name, saved.optimizer.attributes["num_update"]
     ('FTML', 100)
-    >>> d, v, z = saved.states[0]  # doctest: +SKIP
+    >>> d, v, z = saved.states[3]  # the Dense weight's FTML state
+    >>> d.shape, d.dtype
+    ((10, 64), dtype('float32'))
   """
   data, source = _source_bytes(file)
   contents = _safe_loads(data, source)

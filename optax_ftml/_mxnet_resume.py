@@ -122,10 +122,16 @@ def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
       message), or one missing attributes MXNet 1.9 pickles.
 
   Examples:
-    >>> saved = read_mxnet_trainer_states("trainer.states")  # doctest: +SKIP
-    >>> scheduler = saved.optimizer.attributes["lr_scheduler"]  # doctest: +SKIP
-    >>> schedule = mxnet_lr_schedule(scheduler)  # doctest: +SKIP
-    >>> opt = mxnet_ftml(schedule, mxnet_version=1)  # doctest: +SKIP
+    >>> import importlib.resources
+    >>> from optax_ftml import read_mxnet_trainer_states
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> saved = read_mxnet_trainer_states(example / "trainer.states")
+    >>> scheduler = saved.optimizer.attributes["lr_scheduler"]
+    >>> scheduler.class_name, scheduler.attributes["base_lr_orig"]
+    ('CosineScheduler', 0.02)
+    >>> schedule = mxnet_lr_schedule(scheduler)
+    >>> print(f"{schedule(101):.6f}")  # the learning rate of MXNet's step 101
+    0.016532
   """
   if not isinstance(scheduler, MXNetObject):
     raise TypeError(
@@ -421,16 +427,31 @@ def resume_mxnet_ftml(
       is not one MXNet ships (:func:`mxnet_lr_schedule`).
 
   Examples:
-    >>> import optax_ftml
-    >>> w = optax_ftml.read_mxnet_params("model.params")  # doctest: +SKIP
-    >>> params = {k: jnp.asarray(v) for k, v in w.items()  # doctest: +SKIP
-    ...           if not k.endswith(("running_mean", "running_var"))}
-    >>> optimizer, state = optax_ftml.resume_mxnet_ftml(  # doctest: +SKIP
-    ...     "trainer.states", params,
-    ...     indices={"0.bias": 0, "0.weight": 1, "1.bias": 2, "1.weight": 3},
-    ...     hyperparameters={"wd_mult": {"0.bias": 0.0, "0.weight": 1.0,
-    ...                                  "1.bias": 0.0, "1.weight": 1.0}})
-    >>> updates, state = optimizer.update(grads, state, params)  # doctest: +SKIP
+    A Gluon network (``Conv2D`` then ``Dense``) saved after 100 FTML steps,
+    shipped with this package:
+
+    >>> import importlib.resources
+    >>> import jax, jax.numpy as jnp
+    >>> from optax_ftml import read_mxnet_params
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> weights = read_mxnet_params(example / "model.params")
+    >>> params = {name: jnp.asarray(w) for name, w in weights.items()}
+    >>> # The trainer's order: sorted full names, hybridsequential0_conv0_bias,
+    >>> # ..._conv0_weight, ..._dense0_bias, ..._dense0_weight.
+    >>> optimizer, state = resume_mxnet_ftml(
+    ...     example / "trainer.states", params,
+    ...     indices={"0.bias": 0, "0.weight": 1, "3.bias": 2, "3.weight": 3})
+    >>> state  # rescale_grad and wd come before FTML in the chain
+    (EmptyState(), EmptyState(), FTMLState(count=Array(100, dtype=int32), ...))
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = optimizer.update(grads, state, params)
+    >>> int(state[-1].count)
+    101
+
+    With Gluon's per-parameter multipliers (not in the file), e.g. biases
+    without weight decay:
+    ``hyperparameters={"wd_mult": {"0.bias": 0.0, "0.weight": 1.0, ...}}``;
+    with Flax's layouts: ``layout=mxnet_to_flax_layout``.
   """
   saved = (trainer_states if isinstance(trainer_states, MXNetTrainerStates)
            else read_mxnet_trainer_states(trainer_states))

@@ -18,6 +18,7 @@ epsilons) times the leaf's largest magnitude.
 
 import json
 import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -356,3 +357,20 @@ def test_mxnet_to_flax_layout():
   assert mxnet_to_flax_layout("b", np.zeros(5)).shape == (5,)
   dense = np.arange(6).reshape(2, 3)
   np.testing.assert_array_equal(mxnet_to_flax_layout("w", dense), dense.T)
+
+
+GUIDE = FIXTURES.parent.parent / "docs" / "guides" / "resuming_mxnet_run.md"
+
+
+def test_guide_python_blocks(monkeypatch, capsys):
+  """The guide's blocks run in order, in the Module fixture's directory (its
+  Module example reads those files), and print what their comments say."""
+  monkeypatch.chdir(MODULE)
+  namespace = {}
+  for block in re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S):
+    with jax.numpy_dtype_promotion("standard"):  # user code, default promotion
+      exec(compile(block, str(GUIDE), "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    expected = [line[2:] for line in block.splitlines() if line.startswith("# {")]
+    if expected:
+      assert printed[-len(expected):] == expected
