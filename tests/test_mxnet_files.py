@@ -41,6 +41,13 @@ def test_reads_a_list_without_names():
     np.testing.assert_array_equal(array, array_values(dtype))
 
 
+def test_reads_numpy_shape_semantics():
+  arrays = read_mxnet_params(FIXTURES / "arrays" / "np_shape.params")
+  assert arrays["scalar"].shape == () and arrays["scalar"] == np.float32(2.5)
+  assert arrays["empty"].shape == (0, 3)
+  np.testing.assert_array_equal(arrays["float32"], array_values("float32"))
+
+
 def test_reads_bytes_and_refuses_other_inputs():
   path = FIXTURES / "arrays" / "dtypes.params"
   from_bytes = read_mxnet_params(path.read_bytes())

@@ -143,6 +143,23 @@ def test_gluon_run_continues_as_in_mxnet(layout):
   print(f"gluon ({layout} layout): worst differences {worst}")
 
 
+def test_multipliers_in_the_file_are_used():
+  """Optimizers created with names (the Module API's) keep multipliers in the
+  file, by index or by name through idx2name: MXNet's lookup order."""
+  network, record, weights, trained = gluon_setup()
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  saved = with_optimizer_attributes(
+      lr_mult={indices["0.weight"]: network["lr_mult"]["0.weight"]},
+      wd_mult={"dense1_bias": network["wd_mult"]["4.1.bias"]},
+      idx2name={indices["4.1.bias"]: "dense1_bias"})
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  optimizer, state = resume_mxnet_ftml(saved, params, indices=indices)
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
+  check_run(run, record, trained)
+
+
 def test_gluon_state_has_init_structure_and_file_values():
   network, _, weights, trained = gluon_setup()
   params = {n: jnp.asarray(weights[n]) for n in trained}

@@ -16,7 +16,8 @@ writes, from fixed seeds, into tests/mxnet_fixtures/ (or --out):
 * module/: the same for the Module API (save_checkpoint with optimizer states).
 * schedulers/: MXNet's four schedulers pickled before their first call and
   mid-run, and the learning rates they return (lrs.json).
-* arrays/: NDArray files in several dtypes, without names, and sparse.
+* arrays/: NDArray files in several dtypes, without names, with NumPy shape
+  semantics (a scalar, an empty array), and sparse.
 
 and, into optax_ftml/mxnet_example/ (or --example-out), the half-trained
 checkpoint of a small convolutional network on scikit-learn's digits used by
@@ -245,6 +246,11 @@ def array_fixture(out):
   arrays = {d: mx.nd.array(array_values(d), dtype=d) for d in DTYPES}
   mx.nd.save(str(out / "dtypes.params"), arrays)
   mx.nd.save(str(out / "list.params"), [arrays["float32"], arrays["float64"]])
+  # NumPy shape semantics (npx.set_np()) allow scalars and empty arrays.
+  with mx.util.np_shape(True):
+    mx.nd.save(str(out / "np_shape.params"), {
+        "scalar": mx.nd.array(np.float32(2.5).reshape(())),
+        "empty": mx.nd.zeros((0, 3)), "float32": arrays["float32"]})
   mx.nd.save(str(out / "row_sparse.params"), {"w": mx.nd.sparse.row_sparse_array(
       (np.ones((1, 2), np.float32), np.array([1])), shape=(3, 2))})
   # Pickled NDArrays, as trainer-state files hold them.
