@@ -1,0 +1,411 @@
+"""Apache MXNet's parameter and trainer-state files, read without MXNet.
+
+Two formats, both written by MXNet 1.x (and 2.x):
+
+* ``net.save_parameters(f)``, ``mx.nd.save(f, ...)`` and the Module API's
+  ``.params`` files: MXNet's NDArray list format. A header (``0x112``, a
+  reserved word), the number of arrays, each array in MXNet's per-array format
+  (a magic number, storage type, shape, context, dtype flag, raw data), then
+  the names.
+* ``trainer.save_states(f)`` (Gluon) and ``mod.save_optimizer_states(f)``
+  (Module): a pickle of ``(states, optimizer)`` (Gluon) or of ``states`` alone
+  (Module), where ``states`` maps each parameter's index to its optimizer
+  state, NDArrays pickled as ``{'handle': <one array in the per-array
+  format>}``.
+
+Pickles can run arbitrary code when loaded, so trainer-state files are read
+with an allow-list: MXNet's NDArray, optimizer and learning-rate scheduler
+classes become inert records of their attributes; any other global (a
+function, a class from elsewhere) is refused before anything runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import os
+import pickle
+import struct
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+
+_LIST_MAGIC = 0x112
+# NDArray::Save writes V2 for MXNet's classic shapes and V3 under NumPy shape
+# semantics (npx.set_np()); they differ only in how an empty shape is read.
+_ARRAY_MAGIC_V2 = 0xF993FAC9
+_ARRAY_MAGIC_V3 = 0xF993FACA
+_ARRAY_MAGIC_V1 = 0xF993FAC8
+_DEFAULT_STORAGE = 0
+_STORAGE_NAMES = {1: "row_sparse", 2: "csr"}
+# mshadow's type flags (include/mshadow/base.h).
+_DTYPES = {
+    0: np.dtype(np.float32), 1: np.dtype(np.float64), 2: np.dtype(np.float16),
+    3: np.dtype(np.uint8), 4: np.dtype(np.int32), 5: np.dtype(np.int8),
+    6: np.dtype(np.int64), 7: np.dtype(np.bool_), 8: np.dtype(np.int16),
+    9: np.dtype(np.uint16), 10: np.dtype(np.uint32), 11: np.dtype(np.uint64),
+    12: np.dtype(ml_dtypes.bfloat16),
+}
+
+# MXNet 1.9's optimizers (mxnet/optimizer/optimizer.py) and schedulers
+# (mxnet/lr_scheduler.py); MXNet 2.x keeps FTML in mxnet/optimizer/ftml.py.
+_OPTIMIZER_CLASSES = frozenset({
+    "Optimizer", "SGD", "Signum", "FTML", "LARS", "LBSGD", "LAMB", "DCASGD",
+    "NAG", "SGLD", "ccSGD", "Adam", "AdaGrad", "RMSProp", "AdaDelta", "Ftrl",
+    "Adamax", "Nadam"})
+_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer.ftml")
+_SCHEDULER_CLASSES = frozenset({
+    "LRScheduler", "FactorScheduler", "MultiFactorScheduler", "PolyScheduler",
+    "CosineScheduler"})
+
+
+class MXNetFileError(ValueError):
+  """An MXNet file that cannot be read: corrupted, truncated, unsupported or
+  (for pickles) referring to something outside the allow-list."""
+
+
+class _Bytes:
+  """Reads little-endian values from ``data``; running past the end raises."""
+
+  def __init__(self, data: bytes, source: str):
+    self._data = memoryview(data)
+    self.position = 0
+    self.source = source
+
+  def error(self, message: str) -> MXNetFileError:
+    return MXNetFileError(f"{self.source}: {message}")
+
+  @property
+  def remaining(self) -> int:
+    return len(self._data) - self.position
+
+  def take(self, size: int, what: str) -> memoryview:
+    if size < 0 or size > self.remaining:
+      raise self.error(
+          f"truncated or corrupted: {what} needs {size} bytes at offset"
+          f" {self.position}, {self.remaining} left.")
+    chunk = self._data[self.position:self.position + size]
+    self.position += size
+    return chunk
+
+  def unpack(self, fmt: str, what: str) -> Any:
+    values = struct.unpack("<" + fmt, self.take(struct.calcsize("<" + fmt), what))
+    return values[0] if len(values) == 1 else values
+
+
+def _read_shape(reader: _Bytes, what: str) -> tuple[int, ...] | None:
+  """An ``mxnet::TShape``: ``int32`` ndim, then ``int64`` dims (None: -1)."""
+  ndim = reader.unpack("i", f"{what} ndim")
+  if ndim == -1:
+    return None
+  if ndim < 0 or 8 * ndim > reader.remaining:
+    raise reader.error(f"corrupted: {what} has ndim {ndim}.")
+  dims = reader.unpack(f"{ndim}q", f"{what} dims") if ndim else ()
+  dims = (dims,) if isinstance(dims, int) else tuple(dims)
+  if any(d < 0 for d in dims):
+    raise reader.error(f"corrupted: {what} has dims {dims}.")
+  return dims
+
+
+def _read_array(reader: _Bytes, index: int) -> np.ndarray:
+  """One array in ``NDArray::Save``'s format, as a NumPy array."""
+  what = f"array {index}"
+  magic = reader.unpack("I", f"{what} magic")
+  if magic == _ARRAY_MAGIC_V1:
+    raise reader.error(
+        f"{what} is in MXNet's legacy (v1) array format, written before MXNet"
+        " 1.0; load and save it again with a newer MXNet.")
+  if magic not in (_ARRAY_MAGIC_V2, _ARRAY_MAGIC_V3):
+    raise reader.error(
+        f"corrupted: {what} starts with 0x{magic:08X}, not an NDArray magic"
+        f" (0x{_ARRAY_MAGIC_V2:08X} or 0x{_ARRAY_MAGIC_V3:08X}).")
+  storage = reader.unpack("i", f"{what} storage type")
+  if storage != _DEFAULT_STORAGE:
+    name = _STORAGE_NAMES.get(storage, f"storage type {storage}")
+    raise reader.error(
+        f"{what} has {name} storage; only dense arrays are supported (convert"
+        " it with .tostype('default') in MXNet before saving).")
+  shape = _read_shape(reader, f"{what} shape")
+  # Classic shape semantics write an empty shape for an unset array and stop
+  # there; NumPy semantics write ndim -1 for it.
+  if shape is None or (magic == _ARRAY_MAGIC_V2 and not shape):
+    raise reader.error(f"{what} is an unset (none) NDArray: it holds no data.")
+  reader.unpack("ii", f"{what} context")
+  type_flag = reader.unpack("i", f"{what} dtype flag")
+  if type_flag not in _DTYPES:
+    raise reader.error(f"{what} has unsupported dtype flag {type_flag}.")
+  dtype = _DTYPES[type_flag]
+  size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  data = reader.take(size, f"{what} data ({shape}, {dtype})")
+  return np.frombuffer(data, dtype).reshape(shape).copy()
+
+
+def _read_array_bytes(data: bytes, source: str) -> np.ndarray:
+  """One array alone (a pickled NDArray's ``handle``)."""
+  reader = _Bytes(data, source)
+  array = _read_array(reader, 0)
+  if reader.remaining:
+    raise reader.error(f"corrupted: {reader.remaining} bytes after the array.")
+  return array
+
+
+def _source_bytes(file: str | os.PathLike | bytes) -> tuple[bytes, str]:
+  if isinstance(file, (bytes, bytearray, memoryview)):
+    return bytes(file), "<bytes>"
+  if not isinstance(file, (str, os.PathLike)):
+    raise TypeError(
+        f"file must be a path or bytes, got {type(file).__name__}.")
+  with open(file, "rb") as f:
+    return f.read(), os.fspath(file)
+
+
+def read_mxnet_params(
+    file: str | os.PathLike | bytes,
+) -> dict[str, np.ndarray] | list[np.ndarray]:
+  """Reads an MXNet NDArray file (parameters) into NumPy arrays, without MXNet.
+
+  Reads what ``net.save_parameters``, ``mx.nd.save`` and the Module API's
+  ``save_checkpoint`` write. Gluon's keys are structural (``0.weight``,
+  ``3.0.bias``: child positions and attribute names); the Module API's are
+  ``arg:<name>`` and ``aux:<name>``.
+
+  Args:
+    file: a path, or the file's contents as bytes.
+
+  Returns:
+    A dict from name to array, in the file's order; a list of arrays if the
+    file has no names (``mx.nd.save`` of a list).
+
+  Raises:
+    MXNetFileError: (a ``ValueError``) if the file is not an MXNet NDArray
+      file, is truncated or corrupted, or holds something unsupported: sparse
+      storage, unset arrays, an unknown dtype. Nothing is returned then.
+    TypeError: if ``file`` is neither a path nor bytes.
+
+  Examples:
+    A Gluon checkpoint shipped with this package (a convolution and a Dense
+    layer):
+
+    >>> import importlib.resources
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> params = read_mxnet_params(example / "model.params")
+    >>> {name: array.shape for name, array in params.items()}
+    {'0.weight': (4, 1, 3, 3), '0.bias': (4,), '3.weight': (10, 64), '3.bias': (10,)}
+  """
+  data, source = _source_bytes(file)
+  reader = _Bytes(data, source)
+  header, _ = reader.unpack("QQ", "the header")
+  if header != _LIST_MAGIC:
+    raise reader.error(
+        f"not an MXNet NDArray file: header 0x{header:X}, expected"
+        f" 0x{_LIST_MAGIC:X}.")
+  count = reader.unpack("Q", "the number of arrays")
+  # Each array takes at least 24 bytes: a bound before trusting the count.
+  if count > reader.remaining // 24:
+    raise reader.error(f"corrupted: {count} arrays cannot fit in the file.")
+  arrays = [_read_array(reader, i) for i in range(count)]
+  name_count = reader.unpack("Q", "the number of names")
+  if name_count not in (0, count):
+    raise reader.error(
+        f"corrupted: {name_count} names for {count} arrays.")
+  names = []
+  for i in range(name_count):
+    length = reader.unpack("Q", f"name {i} length")
+    try:
+      names.append(bytes(reader.take(length, f"name {i}")).decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise reader.error(f"corrupted: name {i} is not UTF-8.") from e
+  if reader.remaining:
+    raise reader.error(f"corrupted: {reader.remaining} bytes after the names.")
+  if len(set(names)) != len(names):
+    raise reader.error("corrupted: duplicate names.")
+  return dict(zip(names, arrays, strict=True)) if names else arrays
+
+
+class MXNetObject:
+  """An inert record of a pickled MXNet object (an optimizer or a learning-rate
+  scheduler): its class and attributes, nothing executable.
+
+  Attributes:
+    mxnet_class: the pickled class, e.g. ``"mxnet.optimizer.optimizer.FTML"``.
+    attributes: the object's pickled ``__dict__``: plain Python values, NumPy
+      arrays and nested :class:`MXNetObject` records.
+  """
+
+  mxnet_class: str = ""
+
+  def __init__(self, *args: Any):
+    del args  # pickle may call the class with arguments; they mean nothing here
+    self.attributes: dict[str, Any] = {}
+
+  def __setstate__(self, state: Any) -> None:
+    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+      raise MXNetFileError(
+          f"corrupted: the pickled {self.mxnet_class} has state"
+          f" {type(state).__name__}, expected a dict of attributes.")
+    self.attributes = dict(state)
+
+  @property
+  def class_name(self) -> str:
+    """The class name without its module, e.g. ``"FTML"``."""
+    return self.mxnet_class.rpartition(".")[2]
+
+  def __repr__(self) -> str:
+    return f"MXNetObject({self.mxnet_class}, {self.attributes!r})"
+
+
+class _NDArrayStandIn(MXNetObject):
+  """A pickled ``mxnet.ndarray.NDArray``: its raw bytes, decoded at once."""
+
+  mxnet_class = "mxnet.ndarray.ndarray.NDArray"
+
+  def __setstate__(self, state: Any) -> None:
+    super().__setstate__(state)
+    handle = self.attributes.get("handle")
+    if not isinstance(handle, (bytes, bytearray)):
+      raise MXNetFileError(
+          "corrupted: a pickled NDArray has no data (handle"
+          f" {type(handle).__name__}).")
+    self.array = _read_array_bytes(bytes(handle), "a pickled NDArray")
+
+
+def _bytearray(data: Any = b"") -> bytearray:
+  """``bytearray`` restricted to copying bytes (no size arguments)."""
+  if not isinstance(data, bytes):
+    raise MXNetFileError(
+        f"corrupted: bytearray of {type(data).__name__} in a pickle.")
+  return bytearray(data)
+
+
+_stand_ins: dict[str, type[MXNetObject]] = {}
+
+
+def _stand_in(module: str, name: str, base: type[MXNetObject]) -> type:
+  """The inert class standing for ``module.name`` (one per name, so that the
+  record knows what it was)."""
+  qualified = f"{module}.{name}"
+  if qualified not in _stand_ins:
+    _stand_ins[qualified] = type(name, (base,), {"mxnet_class": qualified})
+  return _stand_ins[qualified]
+
+
+class _AllowListUnpickler(pickle.Unpickler):
+  """Resolves only MXNet's NDArray, optimizer and scheduler classes, to inert
+  stand-ins, and ``bytearray``; refuses every other global."""
+
+  def find_class(self, module: str, name: str) -> Any:
+    if (module, name) == ("builtins", "bytearray"):
+      return _bytearray
+    if (module, name) == ("mxnet.ndarray.ndarray", "NDArray"):
+      return _NDArrayStandIn
+    if module in _OPTIMIZER_MODULES and name in _OPTIMIZER_CLASSES:
+      return _stand_in(module, name, MXNetObject)
+    if module == "mxnet.lr_scheduler" and name in _SCHEDULER_CLASSES:
+      return _stand_in(module, name, MXNetObject)
+    raise MXNetFileError(
+        f"refused to load {module}.{name}: MXNet trainer-state files hold only"
+        " NDArrays, MXNet optimizers and MXNet learning-rate schedulers, and"
+        " nothing else is loaded from them (a pickle can run arbitrary code)."
+        " A custom scheduler or optimizer class cannot be read.")
+
+  def persistent_load(self, pid: Any) -> Any:
+    raise MXNetFileError("refused to load a persistent id: not an MXNet file.")
+
+
+def _plain(value: Any) -> Any:
+  """``value`` with NDArray stand-ins replaced by their NumPy arrays."""
+  if isinstance(value, _NDArrayStandIn):
+    return value.array
+  if isinstance(value, MXNetObject):
+    value.attributes = {k: _plain(v) for k, v in value.attributes.items()}
+    return value
+  if isinstance(value, (list, tuple)):
+    return type(value)(_plain(v) for v in value)
+  if isinstance(value, dict):
+    return {k: _plain(v) for k, v in value.items()}
+  return value
+
+
+def _safe_loads(data: bytes, source: str) -> Any:
+  """Unpickles with the allow-list; every failure is an ``MXNetFileError``."""
+  try:
+    return _plain(_AllowListUnpickler(io.BytesIO(data)).load())
+  except MXNetFileError as e:
+    raise MXNetFileError(f"{source}: {e}") from None
+  except Exception as e:  # pickle raises many kinds of error
+    raise MXNetFileError(
+        f"{source}: truncated or corrupted pickle ({type(e).__name__}: {e})."
+    ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class MXNetTrainerStates:
+  """The contents of an MXNet trainer-state file.
+
+  Attributes:
+    states: each parameter's optimizer state by its index in the trainer (or
+      module): for FTML the arrays ``(d, v, z)``. Parameters never updated
+      (Gluon's ``grad_req='null'``, e.g. BatchNorm's running statistics) have
+      no entry.
+    optimizer: the pickled optimizer (Gluon's ``Trainer.save_states``), or
+      None (the Module API's ``save_optimizer_states`` saves the states only).
+  """
+
+  states: dict[int, Any]
+  optimizer: MXNetObject | None
+
+
+def read_mxnet_trainer_states(
+    file: str | os.PathLike | bytes,
+) -> MXNetTrainerStates:
+  """Reads an MXNet trainer-state file without MXNet and without running code.
+
+  Reads what Gluon's ``trainer.save_states`` (a pickle of ``(states,
+  optimizer)``) and the Module API's ``save_optimizer_states`` (a pickle of
+  ``states``) write, with an allow-list unpickler: MXNet's NDArrays become
+  NumPy arrays, its optimizers and learning-rate schedulers inert
+  :class:`MXNetObject` records, and any other global in the pickle is refused
+  before anything is called.
+
+  Args:
+    file: a path, or the file's contents as bytes.
+
+  Returns:
+    An :class:`MXNetTrainerStates`.
+
+  Raises:
+    MXNetFileError: (a ``ValueError``) if the pickle refers to anything outside
+      the allow-list (e.g. a function such as ``os.system``, or a custom
+      scheduler class), is truncated or corrupted, or holds sparse or
+      unsupported arrays. Nothing is returned then.
+    TypeError: if ``file`` is neither a path nor bytes.
+
+  Examples:
+    >>> import importlib.resources
+    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
+    >>> saved = read_mxnet_trainer_states(example / "trainer.states")
+    >>> saved.optimizer.class_name, saved.optimizer.attributes["num_update"]
+    ('FTML', 100)
+    >>> d, v, z = saved.states[3]  # the Dense weight's FTML state
+    >>> d.shape, d.dtype
+    ((10, 64), dtype('float32'))
+  """
+  data, source = _source_bytes(file)
+  contents = _safe_loads(data, source)
+  if isinstance(contents, dict):
+    states, optimizer = contents, None
+  elif (isinstance(contents, tuple) and len(contents) == 2
+        and isinstance(contents[0], dict)
+        and isinstance(contents[1], MXNetObject)
+        and contents[1].mxnet_class.startswith(_OPTIMIZER_MODULES)):
+    states, optimizer = contents
+  else:
+    raise MXNetFileError(
+        f"{source}: not an MXNet trainer-state file: expected a dict of states"
+        f" or a (states, optimizer) pair, got {type(contents).__name__}.")
+  if not all(isinstance(k, int) and not isinstance(k, bool) for k in states):
+    raise MXNetFileError(
+        f"{source}: corrupted: state keys must be integer indices, got"
+        f" {sorted(map(repr, states))}.")
+  return MXNetTrainerStates(states=states, optimizer=optimizer)

@@ -1,0 +1,393 @@
+"""Continuing MXNet 1.9.1 FTML runs in Optax from MXNet's saved files.
+
+The fixtures (tests/mxnet_fixtures/record.py) hold, for a Gluon network and a
+Module, the files MXNet saved mid-run and then, for each step MXNet took next,
+the gradients it used and its weights and FTML states after the step. Each
+test continues in Optax from the files with the same gradients and compares
+every step.
+
+Tolerance: MXNet computes the new weight as ``-z / d``; Optax returns the
+update ``-z / d - w``, added to ``w`` by ``optax.apply_updates`` (one more
+rounding), and XLA may contract multiply-adds that MXNet's CPU kernel rounds
+twice. Each step therefore differs by a few float32 roundings, and ``z`` and the
+weights are differences of terms as large as the leaf's largest element, so
+their rounding errors scale with that (not with each element, which may be
+near 0). The comparison allows ``RELATIVE_TOLERANCE`` (8 float32
+epsilons) times the leaf's largest magnitude.
+"""
+
+import json
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_ftml
+from optax_ftml import FTMLState
+from optax_ftml import MXNetObject
+from optax_ftml import MXNetTrainerStates
+from optax_ftml import module_wd_mult
+from optax_ftml import mxnet_lr_schedule
+from optax_ftml import mxnet_to_flax_layout
+from optax_ftml import read_mxnet_params
+from optax_ftml import read_mxnet_trainer_states
+from optax_ftml import resume_mxnet_ftml
+from optax_ftml._mxnet_files import _safe_loads
+
+FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
+GLUON = FIXTURES / "gluon"
+MODULE = FIXTURES / "module"
+RELATIVE_TOLERANCE = 8 * float(np.finfo(np.float32).eps)
+# MXNet's schedulers compute in Python floats, the Optax schedules in float32
+# (a few operations, each rounded): a few float32 ulps apart.
+SCHEDULE_RTOL = 4 * float(np.finfo(np.float32).eps)
+
+
+def load(directory):
+  return (json.loads((directory / "network.json").read_text()),
+          np.load(directory / "continued.npz"))
+
+
+def ftml_buffers(state):
+  """Each leaf's (d, v, z) from the FTMLStates of a state, by leaf name."""
+  out = {}
+  for s in jax.tree.leaves(state, is_leaf=lambda x: isinstance(x, FTMLState)):
+    if isinstance(s, FTMLState):
+      for key, tree in (("d", s.d_prev), ("v", s.v), ("z", s.z)):
+        for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+          name = jax.tree_util.keystr(path, simple=True, separator=".")
+          out[key, name] = np.asarray(x)
+  return out
+
+
+def continue_run(optimizer, state, params, steps, gradients):
+  """Yields (params, state) after each step, gradients from ``gradients(t)``."""
+  update = jax.jit(optimizer.update)
+  for t in range(steps):
+    updates, state = update(gradients(t), state, params)
+    params = optax.apply_updates(params, updates)
+    yield params, state
+
+
+def worst_difference(actual, expected):
+  """max |actual - expected| / max |expected| (see the module docstring)."""
+  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))
+               / np.max(np.abs(expected)))
+
+
+def check_run(run, record, names, to_mxnet=lambda name, x: x):
+  """Compares every step's weights and states; returns the worst differences."""
+  worst = dict.fromkeys(("weight", "d", "v", "z"), 0.0)
+  for t, (params, state) in enumerate(run):
+    buffers = ftml_buffers(state)
+    for name in names:
+      values = {"weight": params[name],
+                **{key: buffers[key, name] for key in "dvz"}}
+      for key, value in values.items():
+        difference = worst_difference(to_mxnet(name, np.asarray(value)),
+                                      record[f"{t}/{key}/{name}"])
+        assert difference <= RELATIVE_TOLERANCE, (t, key, name, difference)
+        worst[key] = max(worst[key], difference)
+  return worst
+
+
+def gluon_setup():
+  network, record = load(GLUON)
+  weights = read_mxnet_params(GLUON / "model.params")
+  trained = [n for n, req in network["grad_req"].items() if req != "null"]
+  return network, record, weights, trained
+
+
+def gluon_multipliers(network, trained):
+  """Gluon keeps lr_mult and wd_mult on its Parameters, not in the file."""
+  return {key: {n: network[key][n] for n in trained}
+          for key in ("lr_mult", "wd_mult")}
+
+
+def test_gluon_trainer_orders_parameters_by_sorted_full_name():
+  network, _ = load(GLUON)
+  full_names = network["full_names"]
+  assert network["trainer_order"] == sorted(full_names.values())
+  for name, index in network["trainer_indices"].items():
+    assert network["trainer_order"][index] == full_names[name]
+  # Nested blocks: structural "4.1.bias" is the full name of a nested Dense.
+  assert full_names["4.1.bias"] == "hybridsequential0_hybridsequential0_dense1_bias"
+  # BatchNorm's beta sorts first; the file's order differs from the trainer's.
+  assert network["trainer_indices"]["1.beta"] == 0
+  assert network["trainer_indices"]["0.weight"] == 5
+
+
+@pytest.mark.parametrize("layout", ["mxnet", "flax"])
+def test_gluon_run_continues_as_in_mxnet(layout):
+  network, record, weights, trained = gluon_setup()
+  convert = mxnet_to_flax_layout if layout == "flax" else (lambda n, x: x)
+  # The inverse of the conversion, to compare with MXNet's arrays.
+  back = (lambda n, x: np.transpose(
+      x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))) if x.ndim >= 2 else x
+          ) if layout == "flax" else (lambda n, x: x)
+  params = {n: jnp.asarray(convert(n, weights[n])) for n in trained}
+  optimizer, state = resume_mxnet_ftml(
+      GLUON / "trainer.states", params,
+      indices={n: network["trainer_indices"][n] for n in trained},
+      layout=convert if layout == "flax" else None,
+      hyperparameters=gluon_multipliers(network, trained))
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(convert(n, record[f"{t}/grad/{n}"]))
+                 for n in trained})
+  worst = check_run(run, record, trained, back)
+  print(f"gluon ({layout} layout): worst differences {worst}")
+
+
+def test_multipliers_in_the_file_are_used():
+  """Optimizers created with names (the Module API's) keep multipliers in the
+  file, by index or by name through idx2name: MXNet's lookup order."""
+  network, record, weights, trained = gluon_setup()
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  saved = with_optimizer_attributes(
+      lr_mult={indices["0.weight"]: network["lr_mult"]["0.weight"]},
+      wd_mult={"dense1_bias": network["wd_mult"]["4.1.bias"]},
+      idx2name={indices["4.1.bias"]: "dense1_bias"})
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  optimizer, state = resume_mxnet_ftml(saved, params, indices=indices)
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
+  check_run(run, record, trained)
+
+
+def test_gluon_state_has_init_structure_and_file_values():
+  network, _, weights, trained = gluon_setup()
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  optimizer, state = resume_mxnet_ftml(
+      GLUON / "trainer.states", params, indices=indices,
+      hyperparameters=gluon_multipliers(network, trained))
+  fresh = optimizer.init(params)
+  assert jax.tree.structure(state) == jax.tree.structure(fresh)
+  for resumed, initial in zip(jax.tree.leaves(state), jax.tree.leaves(fresh),
+                              strict=True):
+    assert resumed.dtype == initial.dtype and resumed.shape == initial.shape
+  counts = {int(s.count) for s in jax.tree.leaves(
+      state, is_leaf=lambda x: isinstance(x, FTMLState))
+            if isinstance(s, FTMLState)}
+  assert counts == {network["steps_before"]}
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  buffers = ftml_buffers(state)
+  for name in trained:
+    for key, array in zip("dvz", saved.states[indices[name]], strict=True):
+      np.testing.assert_array_equal(buffers[key, name], array)
+
+
+def test_gluon_default_order_is_the_trainer_order():
+  """A tree keyed by Gluon's full names flattens in the trainer's order."""
+  network, _, weights, trained = gluon_setup()
+  full = {network["full_names"][n]: jnp.asarray(weights[n]) for n in trained}
+  by_order = resume_mxnet_ftml(GLUON / "trainer.states", full)[1]
+  by_name = resume_mxnet_ftml(
+      GLUON / "trainer.states", full,
+      indices={network["full_names"][n]: network["trainer_indices"][n]
+               for n in trained})[1]
+  jax.tree.map(np.testing.assert_array_equal, by_order, by_name)
+
+
+def test_gluon_schedule_gives_mxnet_learning_rates():
+  network, _ = load(GLUON)
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  assert saved.optimizer is not None
+  schedule = mxnet_lr_schedule(saved.optimizer.attributes["lr_scheduler"])
+  first = network["steps_before"] + 1
+  rates = [schedule(n) for n in range(first, first + network["steps_after"])]
+  np.testing.assert_allclose(np.float32(rates),
+                             np.float32(network["learning_rates"]),
+                             rtol=SCHEDULE_RTOL, atol=0)
+
+
+def module_setup():
+  network, record = load(MODULE)
+  names = network["param_names"]
+  weights = read_mxnet_params(MODULE / "module-0001.params")
+  params = {n: jnp.asarray(weights["arg:" + n]) for n in names}
+  hyperparameters = {
+      "learning_rate": network["learning_rate"], "wd": network["wd"],
+      "clip_gradient": network["clip_gradient"],
+      "rescale_grad": 1 / network["batch_size"],
+      "wd_mult": module_wd_mult({n: n for n in names})}
+  return network, record, names, params, hyperparameters
+
+
+def test_module_wd_mult_is_the_modules_rule():
+  network, _ = load(MODULE)
+  names = network["param_names"]
+  recorded = {n: network["wd_mult"].get(n, 1.0) for n in names}
+  assert module_wd_mult({n: n for n in names}) == recorded
+  assert module_wd_mult(["bn_gamma", "bn_beta", "arg:conv_weight",
+                         "moving_mean"]) == [1.0, 0.0, 1.0, 0.0]
+  with pytest.raises(TypeError, match="strings"):
+    module_wd_mult([1])
+
+
+def module_run(hyperparameters):
+  network, record, names, params, _ = module_setup()
+  optimizer, state = resume_mxnet_ftml(
+      MODULE / "module-0001.states", params,
+      indices={n: i for i, n in enumerate(names)},
+      hyperparameters=hyperparameters, num_update=network["steps_before"])
+  return continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in names})
+
+
+def test_module_run_continues_as_in_mxnet():
+  _, record, names, _, hyperparameters = module_setup()
+  worst = check_run(module_run(hyperparameters), record, names)
+  print(f"module: worst differences {worst}")
+
+
+def test_module_run_needs_the_module_wd_mult_rule():
+  _, record, names, _, hyperparameters = module_setup()
+  del hyperparameters["wd_mult"]
+  with pytest.raises(AssertionError):
+    check_run(module_run(hyperparameters), record, names)
+
+
+def test_module_files_need_hyperparameters_and_step_count():
+  network, _, names, params, hyperparameters = module_setup()
+  path = MODULE / "module-0001.states"
+  with pytest.raises(ValueError, match=r"learning_rate.*rescale_grad.*num_update"):
+    resume_mxnet_ftml(path, params)
+  with pytest.raises(ValueError, match=r"num_update=.*\(missing\)"):
+    resume_mxnet_ftml(path, params, hyperparameters=hyperparameters)
+  with pytest.raises(ValueError, match="num_update must be an integer >= 1"):
+    resume_mxnet_ftml(path, params, hyperparameters=hyperparameters,
+                      num_update=0)
+  with pytest.raises(ValueError, match="only for Module files"):
+    resume_mxnet_ftml(GLUON / "trainer.states", gluon_params(), num_update=3)
+  del network, names
+
+
+def gluon_params():
+  network, _, weights, trained = gluon_setup()
+  return {network["full_names"][n]: jnp.asarray(weights[n]) for n in trained}
+
+
+def with_optimizer_attributes(**changes):
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  assert saved.optimizer is not None
+  saved.optimizer.attributes.update(changes)
+  return saved
+
+
+def test_differing_step_counts_are_refused():
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  assert saved.optimizer is not None
+  counts = dict(saved.optimizer.attributes["_index_update_count"])
+  counts[min(counts)] -= 1
+  with pytest.raises(ValueError, match="updated different numbers of times"):
+    resume_mxnet_ftml(with_optimizer_attributes(_index_update_count=counts),
+                      gluon_params())
+  with pytest.raises(ValueError, match="num_update"):
+    resume_mxnet_ftml(with_optimizer_attributes(num_update=99), gluon_params())
+
+
+def test_missing_and_unmapped_states_are_refused():
+  network, _, weights, trained = gluon_setup()
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  path = GLUON / "trainer.states"
+  # BatchNorm's running mean (grad_req='null') has an index but no state.
+  running_mean = network["trainer_indices"]["1.running_mean"]
+  with pytest.raises(ValueError, match="no state for"):
+    resume_mxnet_ftml(path, params, indices={**indices, "1.beta": running_mean})
+  smaller = {n: p for n, p in params.items() if n != "0.bias"}
+  with pytest.raises(ValueError, match="not mapped to any leaf"):
+    resume_mxnet_ftml(path, smaller, indices={n: indices[n] for n in smaller})
+  with pytest.raises(ValueError, match="states for 8 parameters"):
+    resume_mxnet_ftml(path, smaller)
+  with pytest.raises(ValueError, match="leaves without an index"):
+    resume_mxnet_ftml(path, params, indices={"0.bias": 4})
+  states = dict(read_mxnet_trainer_states(path).states)
+  del states[indices["0.bias"]]
+  saved = MXNetTrainerStates(states, read_mxnet_trainer_states(path).optimizer)
+  with pytest.raises(ValueError, match="no state for"):
+    resume_mxnet_ftml(saved, params, indices=indices)
+
+
+def test_layout_mismatch_is_refused():
+  network, _, weights, trained = gluon_setup()
+  params = {n: jnp.asarray(mxnet_to_flax_layout(n, weights[n])) for n in trained}
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  with pytest.raises(ValueError, match="pass layout="):
+    resume_mxnet_ftml(GLUON / "trainer.states", params, indices=indices)
+
+
+def test_other_optimizers_and_unknown_hyperparameters_are_refused():
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  adam = type("Adam", (MXNetObject,),
+              {"mxnet_class": "mxnet.optimizer.optimizer.Adam"})()
+  with pytest.raises(ValueError, match=r"optimizer\.Adam optimizer, not FTML"):
+    resume_mxnet_ftml(MXNetTrainerStates(saved.states, adam), gluon_params())
+  with pytest.raises(ValueError, match="unknown hyperparameters"):
+    resume_mxnet_ftml(saved, gluon_params(), hyperparameters={"lr": 0.1})
+
+
+SCHEDULES = json.loads((FIXTURES / "schedulers" / "lrs.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["factor", "multifactor", "poly", "cosine"])
+def test_schedulers_give_mxnet_learning_rates(name):
+  rates = np.float32(SCHEDULES[name])
+  paused = SCHEDULES[name + "-paused-at"]
+  n = np.arange(1, len(rates) + 1)
+  for kind, first in (("fresh", 1), ("paused", paused + 1)):
+    data = (FIXTURES / "schedulers" / f"{name}-{kind}.pkl").read_bytes()
+    schedule = mxnet_lr_schedule(_safe_loads(data, name))
+    ours = np.float32(jax.vmap(schedule)(n))[first - 1:]
+    np.testing.assert_allclose(ours, rates[first - 1:], rtol=SCHEDULE_RTOL,
+                               atol=0)
+  # The paused scheduler has already decayed: its state matters.
+  if name in ("factor", "multifactor"):
+    assert _safe_loads(data, name).attributes["base_lr"] < rates[0] * 10
+
+
+def test_unknown_scheduler_is_refused():
+  base = type("LRScheduler", (MXNetObject,),
+              {"mxnet_class": "mxnet.lr_scheduler.LRScheduler"})()
+  with pytest.raises(ValueError, match=r"unsupported MXNet scheduler"
+                     r" mxnet\.lr_scheduler\.LRScheduler"):
+    mxnet_lr_schedule(base)
+  with pytest.raises(TypeError, match="MXNetObject"):
+    mxnet_lr_schedule(lambda n: 0.1)  # pyright: ignore[reportArgumentType]
+  # A pickled custom scheduler is refused when the file is read.
+  with pytest.raises(optax_ftml.MXNetFileError, match=r"__main__\.WarmupCosine"):
+    read_mxnet_trainer_states(b"c__main__\nWarmupCosine\n(tR.")
+
+
+def test_mxnet_to_flax_layout():
+  assert mxnet_to_flax_layout("w", np.zeros((5, 3))).shape == (3, 5)
+  assert mxnet_to_flax_layout("w", np.zeros((8, 2, 3, 4))).shape == (3, 4, 2, 8)
+  assert mxnet_to_flax_layout("w", np.zeros((8, 2, 3))).shape == (3, 2, 8)
+  assert mxnet_to_flax_layout("b", np.zeros(5)).shape == (5,)
+  dense = np.arange(6).reshape(2, 3)
+  np.testing.assert_array_equal(mxnet_to_flax_layout("w", dense), dense.T)
+
+
+GUIDE = FIXTURES.parent.parent / "docs" / "guides" / "resuming_mxnet_run.md"
+
+
+def test_guide_python_blocks(monkeypatch, capsys):
+  """The guide's blocks run in order, in the Module fixture's directory (its
+  Module example reads those files), and print what their comments say."""
+  monkeypatch.chdir(MODULE)
+  namespace = {}
+  for block in re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S):
+    with jax.numpy_dtype_promotion("standard"):  # user code, default promotion
+      exec(compile(block, str(GUIDE), "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    expected = [line[2:] for line in block.splitlines() if line.startswith("# {")]
+    if expected:
+      assert printed[-len(expected):] == expected
