@@ -289,11 +289,11 @@ def test_python_floats_first_step_v_is_bit_exact(name, dtype):
     np.testing.assert_array_equal(ftml_state(state).v[k], slots[k].v)
 
 
-def unrounded_and_rounded_kernels(kernel):
-  """The kernel's keywords for this entry point, and with the other
-  rounding of the hyperparameters (float32 for ftml, none for mxnet_ftml)."""
+def other_rounding(kernel):
+  """The kernel's keywords with the other rounding of the hyperparameters:
+  float32 for ftml's, none for mxnet_ftml's."""
   other = np.float32 if kernel.get("param_dtype") == np.float64 else np.float64
-  return kernel, dict(kernel, param_dtype=other)
+  return dict(kernel, param_dtype=other)
 
 
 @pytest.mark.parametrize("scheduled", [False, True])
@@ -315,7 +315,6 @@ def test_python_floats_many_steps(name, dtype, scheduled):
     counts = jnp.arange(steps, dtype=jnp.int32) + int(mxnet_count)
     lrs = (np.asarray(jax.vmap(schedule)(counts)) if scheduled
            else np.full(steps, 0.01))
-  kernel, other_kernel = unrounded_and_rounded_kernels(kernel)
   expected, slots = trajectory(weights, noise, lrs, noisy_pull(target), **kernel)
   tolerance = TOLERANCE[dtype]
   assert worst_relative_error(ours, expected, floor=1.0) < tolerance
@@ -329,5 +328,6 @@ def test_python_floats_many_steps(name, dtype, scheduled):
                                 floor=scale) < tolerance
   assert all(np.abs(expected[k][-1] - weights[k]).max() > 0.1 for k in weights)
   if dtype == np.float64:
-    other, _ = trajectory(weights, noise, lrs, noisy_pull(target), **other_kernel)
+    other, _ = trajectory(weights, noise, lrs, noisy_pull(target),
+                          **other_rounding(kernel))
     assert worst_relative_error(ours, other, floor=1.0) > 1e3 * tolerance
