@@ -8,11 +8,14 @@ CPU in minutes and need nothing downloaded:
 * a character-level LSTM language model on Python's own ``difflib`` and
   ``textwrap`` sources (from the standard library).
 
-Every optimizer gets its learning rate tuned on a small grid: each
+Every optimizer gets its learning rate tuned on a grid of half-decades: each
 (learning rate, seed) pair trains independently (all of them at once, with
 ``jax.vmap``); the learning rate with the best mean validation loss over the
 seeds is selected, and its test figures (mean and standard deviation over the
-seeds) are reported.
+seeds) are reported. A selection at either end of the grid says only that the
+best rate may lie beyond it, so the grid is then extended by a half-decade on
+that side until the best rate is inside it (or ``MAX_EXTENSIONS`` is reached,
+which the table flags).
 
     python benchmarks/convergence.py            # the full run (minutes)
     python benchmarks/convergence.py --quick    # a smoke run
@@ -30,12 +33,14 @@ import inspect
 import json
 import math
 import pathlib
+import platform
 import textwrap
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 import optax
 
@@ -43,16 +48,30 @@ import optax_ftml
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
-# Learning-rate grids, log-spaced around each optimizer's usual values.
+# Learning-rate grids of half-decades around each optimizer's usual values;
+# extended automatically where the selection lands on an end.
 OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation],
                             tuple[float, ...]]] = {
     "ftml": (optax_ftml.ftml, (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
-    "adam": (optax.adam, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
+    "adam": (optax.adam, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1)),
     "rmsprop": (optax.rmsprop, (3e-4, 1e-3, 3e-3, 1e-2, 3e-2)),
     "sgd (momentum 0.9)": (
         lambda learning_rate: optax.sgd(learning_rate, momentum=0.9),
-        (1e-2, 3e-2, 1e-1, 3e-1, 1.0)),
+        (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)),
 }
+MAX_EXTENSIONS = 3  # half-decades added on each side, at most
+
+
+def package_versions() -> dict[str, str]:
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+          "numpy": np.__version__, "optax_ftml": optax_ftml.__version__}
+
+
+def next_half_decade(rate: float, direction: int) -> float:
+  """The grid's neighbour of rate (... 0.1, 0.3, 1, 3 ...): above (+1) or below (-1)."""
+  exponent, upper_half = divmod(round(2 * math.log10(rate)) + direction, 2)
+  return float(f"{(3 if upper_half else 1) * 10.0**exponent:.0e}")
 
 
 @dataclasses.dataclass
@@ -226,6 +245,39 @@ def run(task: Task, make: Callable, learning_rates, seeds):
       jnp.asarray(learning_rates, jnp.float32), jnp.asarray(seeds))
 
 
+def mean_validation_loss(evaluation):
+  """Per learning rate, over the seeds; a diverged run counts as infinite."""
+  loss = evaluation["validation loss"]
+  return np.where(np.isfinite(loss), loss, np.inf).mean(1)
+
+
+def tune(task: Task, make: Callable, grid: list[float], seeds,
+         max_extensions: int):
+  """Runs the grid, extending it while the best rate is at one of its ends.
+
+  Returns the final grid, and the losses and evaluations of every rate in it
+  (the learning rate along the leading axis).
+  """
+  losses, evaluation = jax.tree.map(np.asarray, run(task, make, grid, seeds))
+  extensions = {-1: 0, 1: 0}
+  while True:
+    best = int(np.argmin(mean_validation_loss(evaluation)))
+    direction = -1 if best == 0 else 1 if best == len(grid) - 1 else 0
+    if not direction or extensions[direction] == max_extensions:
+      return grid, losses, evaluation
+    extensions[direction] += 1
+    edge = grid[0] if direction < 0 else grid[-1]
+    rate = next_half_decade(edge, direction)
+    print(f"  {task.name}: best learning rate {edge:g} at the grid's end;"
+          f" adding {rate:g}", flush=True)
+    more = jax.tree.map(np.asarray, run(task, make, [rate], seeds))
+    if direction < 0:
+      grid, parts = [rate, *grid], (more, (losses, evaluation))
+    else:
+      grid, parts = [*grid, rate], ((losses, evaluation), more)
+    losses, evaluation = jax.tree.map(lambda *a: np.concatenate(a), *parts)
+
+
 def smooth(curve, window):
   kernel = np.ones(window) / window
   return np.convolve(curve, kernel, mode="valid")
@@ -241,11 +293,11 @@ def benchmark(quick: bool):
     results[task.name] = {"unit": task.loss_unit, "steps": task.steps,
                           "optimizers": {}}
     for name, (make, grid) in OPTIMIZERS.items():
-      grid = grid[2:4] if quick else grid
       start = time.perf_counter()
-      losses, evaluation = jax.tree.map(np.asarray, run(task, make, grid, seeds))
-      validation = np.where(np.isfinite(evaluation["validation loss"]),
-                            evaluation["validation loss"], np.inf).mean(1)
+      grid, losses, evaluation = tune(
+          task, make, list(grid[2:4] if quick else grid), seeds,
+          max_extensions=1 if quick else MAX_EXTENSIONS)
+      validation = mean_validation_loss(evaluation)
       best = int(np.argmin(validation))
       summary = {
           "learning_rate": grid[best],
@@ -267,10 +319,15 @@ def benchmark(quick: bool):
   return results, seeds
 
 
-def markdown(results, seeds) -> str:
+def markdown(results, seeds, versions) -> str:
   lines = [f"Mean ± standard deviation over {len(seeds)} seeds, at the learning"
-           " rate (from each optimizer's grid) with the best mean validation"
-           " loss. `*`: the selected learning rate is at the edge of the grid.",
+           " rate (from each optimizer's grid of half-decades, extended where"
+           " the best rate was at an end) with the best mean validation"
+           " loss. `*`: the selected learning rate is still at the edge of the"
+           " grid.",
+           "",
+           "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
+           + ".",
            "",
            "| task | optimizer | learning rate | final train loss | test loss"
            " | test accuracy |",
@@ -322,10 +379,12 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   results, seeds = benchmark(args.quick)
   args.out.mkdir(parents=True, exist_ok=True)
-  table = markdown(results, seeds)
+  versions = package_versions()
+  table = markdown(results, seeds, versions)
   (args.out / "convergence.md").write_text(table)
   (args.out / "convergence.json").write_text(json.dumps(
-      {"quick": args.quick, "seeds": seeds, "results": results}) + "\n")
+      {"quick": args.quick, "seeds": seeds, "versions": versions,
+       "results": results}) + "\n")
   plot(results, args.out)
   print(table)
 

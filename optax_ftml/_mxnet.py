@@ -7,6 +7,8 @@ from collections.abc import Hashable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_ftml._ftml import ftml
@@ -20,14 +22,31 @@ def _real(name: str, value: Any, minimum: float) -> float:
   return float(value)
 
 
+def _as_operator_parameter(value: Any) -> Any:
+  """``value`` as MXNet's ``FTMLParam`` holds it: a C++ ``float``.
+
+  The kernel casts it to the weight dtype afterwards, so float64 weights see
+  ``(double)0.999f``, not 0.999; float32 weights see the same value either
+  way. Arrays (traced by ``optax.inject_hyperparams``, or a schedule's value)
+  are rounded to float32 too.
+  """
+  if isinstance(value, numbers.Real) and not isinstance(value, bool):
+    return float(np.float32(value))
+  if hasattr(value, "dtype"):
+    return jnp.asarray(value, jnp.float32)
+  return value  # not a number: ftml's validation names it
+
+
 def _gradient_preprocessing(rescale_grad: float, clip_gradient: Any,
                             wd: float, mxnet_version: int):
   """MXNet's ``rescale -> clip -> + wd * w`` (2.x) or ``rescale + wd * w -> clip``."""
+  rescale_grad, wd = _as_operator_parameter(rescale_grad), _as_operator_parameter(wd)
   rescale = [optax.scale(rescale_grad)] if rescale_grad != 1 else []
-  # MXNet clips iff the value is truthy (the optimizer forwards only truthy
-  # values) and >= 0 (the kernel's test): None, 0 and negatives disable it.
-  clip = ([optax.clip(clip_gradient)]
-          if clip_gradient is not None and clip_gradient > 0 else [])
+  # MXNet's optimizer forwards only a truthy value (else -1), and the kernel
+  # clips iff that value, as a C++ float, is >= 0: None, 0 and negatives
+  # disable clipping.
+  clip_grad = _as_operator_parameter(clip_gradient) if clip_gradient else -1.0
+  clip = [optax.clip(clip_grad)] if clip_grad >= 0 else []
   decay = [optax.add_decayed_weights(wd)] if wd != 0 else []
   if mxnet_version == 2:
     return rescale + clip + decay
@@ -54,6 +73,14 @@ def mxnet_ftml(
   or, as in MXNet 1.x (``mxnet_version=1``), weight decay before clipping.
   Steps that are identities in MXNet (``rescale_grad=1``, ``wd=0``, no
   clipping) are left out.
+
+  As MXNet's operator does, the learning rate (a schedule's value times
+  ``lr_mult``), ``beta1``, ``beta2``, ``wd`` (times ``wd_mult``),
+  ``rescale_grad`` and ``clip_gradient`` are rounded to float32 before they
+  reach the per-element arithmetic (``epsilon`` is kept in double). This
+  changes nothing for float32 parameters; float64 parameters get MXNet's
+  float64 numbers, e.g. ``1 - float64(float32(0.999))`` = 0.000999987...
+  rather than ``ftml``'s 0.001.
 
   Args:
     learning_rate: MXNet's ``learning_rate`` (2.x default 0.0025; 1.x used
@@ -95,19 +122,26 @@ def mxnet_ftml(
   if clip_gradient is not None:
     clip_gradient = _real("clip_gradient", clip_gradient, -float("inf"))
 
+  # Validates the caller's values, so that errors quote them unrounded.
+  ftml(learning_rate, beta1, beta2, epsilon)
+
   def group(lr_multiplier: float,
             wd_multiplier: float) -> optax.GradientTransformationExtraArgs:
     if lr_multiplier == 0:
       return optax.with_extra_args_support(optax.set_to_zero())
+    # MXNet multiplies by lr_mult (and wd_mult) in Python, in double, before
+    # the operator rounds the product to float.
     if callable(learning_rate):
       schedule = learning_rate
-      rate = lambda count: lr_multiplier * schedule(count + 1)
+      rate = lambda count: _as_operator_parameter(
+          lr_multiplier * schedule(count + 1))
     else:
-      rate = learning_rate * lr_multiplier
+      rate = _as_operator_parameter(learning_rate * lr_multiplier)
     return optax.chain(
         *_gradient_preprocessing(rescale_grad, clip_gradient,
                                  wd * wd_multiplier, mxnet_version),
-        ftml(rate, beta1, beta2, epsilon))
+        ftml(rate, _as_operator_parameter(beta1),
+             _as_operator_parameter(beta2), epsilon))
 
   if lr_mult is None and wd_mult is None:
     return group(1.0, 1.0)

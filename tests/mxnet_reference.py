@@ -1,10 +1,13 @@
 """A plain-NumPy transcription of Apache MXNet's FTML (``ftml_update``).
 
-Written from MXNet's kernel (``src/operator/optimizer_op-inl.h``: FTMLKernel)
-and its Python optimizer, independently of ``optax_ftml``: every scalar is
-first cast to the weight dtype and each line is evaluated left to right with
-one rounding per operation. Hyperparameters may be arrays that broadcast
-against the weight, so a whole grid of settings runs in one call.
+Written from MXNet's kernel (``src/operator/optimizer_op-inl.h``: FTMLParam,
+FTMLKernel) and its Python optimizer, independently of ``optax_ftml``. The
+operator's parameter struct holds ``lr``, ``beta1``, ``beta2``, ``wd``,
+``rescale_grad`` and ``clip_grad`` as C++ ``float`` (``epsilon`` as
+``double``); the kernel then casts every scalar to the weight dtype and
+evaluates each line left to right with one rounding per operation.
+Hyperparameters may be arrays that broadcast against the weight, so a whole
+grid of settings runs in one call.
 """
 
 from __future__ import annotations
@@ -12,6 +15,10 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+
+# FTMLParam's ``float`` fields. ``ftml`` itself keeps the caller's values:
+# ``param_dtype=np.float64`` models the same kernel given them unrounded.
+MXNET_PARAM_DTYPE = np.float32
 
 
 @dataclasses.dataclass
@@ -28,19 +35,21 @@ class FTMLSlots:
 
 
 def preprocess_gradient(grad, weight, *, rescale_grad=1.0, clip_gradient=None,
-                        wd=0.0, mxnet_version=2):
+                        wd=0.0, mxnet_version=2, param_dtype=MXNET_PARAM_DTYPE):
   """MXNet's gradient pre-processing inside ``ftml_update``.
 
   ``clip_gradient`` follows the Python optimizer: it forwards only a truthy
-  value (else -1), and the kernel clips iff the value is ``>= 0``. An array
-  of clip values uses ``np.nan`` for "no clipping".
+  value (else -1), and the kernel clips iff the value, as a C++ float, is
+  ``>= 0``. An array of clip values uses ``np.nan`` for "no clipping".
   """
   dtype = weight.dtype.type
-  rescale_grad, wd = dtype(rescale_grad), dtype(wd)
+  rescale_grad, wd = (np.asarray(np.asarray(x, param_dtype), dtype)
+                      for x in (rescale_grad, wd))
   if clip_gradient is None or (np.ndim(clip_gradient) == 0 and not clip_gradient):
     clip = dtype(-1)
   else:
-    clip = np.asarray(np.where(np.isnan(clip_gradient), -1, clip_gradient), dtype)
+    clip = np.asarray(np.asarray(
+        np.where(np.isnan(clip_gradient), -1, clip_gradient), param_dtype), dtype)
 
   def clipped(g):
     return np.where(clip >= 0, np.clip(g, -np.abs(clip), np.abs(clip)), g)
@@ -53,18 +62,24 @@ def preprocess_gradient(grad, weight, *, rescale_grad=1.0, clip_gradient=None,
 
 
 def ftml_update(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
-                beta2=0.999, epsilon=1e-8, store=lambda x: x, **preprocessing):
+                beta2=0.999, epsilon=1e-8, store=lambda x: x,
+                param_dtype=MXNET_PARAM_DTYPE, **preprocessing):
   """One MXNet ``ftml_update`` call; returns the new weight, updates slots.
 
-  ``store`` rounds a value as its slot stores it (the identity when slots and
-  weight share a dtype, as in MXNet's kernel); like the kernel, later lines
-  use the stored ``v`` and ``z``, and the local ``d_t``.
+  ``lr``, ``beta1``, ``beta2`` (and the pre-processing's ``rescale_grad``,
+  ``clip_gradient``, ``wd``) are first rounded to ``param_dtype``, the C++
+  type that holds them in MXNet (``epsilon`` is a double there): for float64
+  weights MXNet computes with ``1 - (double)0.999f``. ``store`` rounds a
+  value as its slot stores it (the identity when slots and weight share a
+  dtype, as in MXNet's kernel); like the kernel, later lines use the stored
+  ``v`` and ``z``, and the local ``d_t``.
   """
   dtype = weight.dtype.type
-  lr, beta1, beta2, epsilon, t = (
-      np.asarray(x, dtype) for x in (lr, beta1, beta2, epsilon, t))
+  lr, beta1, beta2 = (np.asarray(np.asarray(x, param_dtype), dtype)
+                      for x in (lr, beta1, beta2))
+  epsilon, t = np.asarray(epsilon, dtype), np.asarray(t, dtype)
   one = dtype(1)
-  g = preprocess_gradient(grad, weight, **preprocessing)
+  g = preprocess_gradient(grad, weight, param_dtype=param_dtype, **preprocessing)
   slots.v = store(beta2 * slots.v + (one - beta2) * (g * g))
   d_t = ((one - np.power(beta1, t)) / lr) * (
       np.sqrt(slots.v / (one - np.power(beta2, t))) + epsilon)
@@ -72,6 +87,38 @@ def ftml_update(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
       (beta1 * slots.z + (one - beta1) * g) - (d_t - beta1 * slots.d) * weight)
   slots.d = store(d_t)
   return (-slots.z) / d_t
+
+
+def trajectory(weights, xs, lrs, gradient_fn=None, *, update=ftml_update,
+               slots=None, per_leaf=None, **kwargs):
+  """The kernel's weights after each of ``len(lrs)`` steps, and its slots.
+
+  Like :func:`scan_training.run`: ``weights`` is an array or a dict of arrays,
+  ``xs`` has its structure with a leading step axis and holds the gradients,
+  or the inputs of ``gradient_fn(weights, x)`` (gradients computed from the
+  current weights). ``lrs[t]`` is the learning rate of step ``t + 1`` (a
+  scheduler's value, before ``lr_mult``); ``per_leaf`` optionally maps each
+  leaf to keywords of its own, ``lr_mult`` among them (multiplied in double,
+  as MXNet's optimizer does); ``kwargs`` go to ``update`` for every leaf.
+  Returns the weights stacked along a leading step axis and the final slots,
+  in the structure of ``weights``.
+  """
+  is_dict = isinstance(weights, dict)
+  leaves = lambda tree: tree if is_dict else {None: tree}
+  tree = lambda leaves: leaves if is_dict else leaves[None]
+  w = dict(leaves(weights))
+  slots = dict(leaves(slots)) if slots is not None else {
+      k: FTMLSlots.zeros_like(np.asarray(x)) for k, x in w.items()}
+  out = {k: [] for k in w}
+  for step, lr in enumerate(lrs):
+    x = tree({k: a[step] for k, a in leaves(xs).items()})
+    grads = leaves(x if gradient_fn is None else gradient_fn(tree(w), x))
+    for k in w:
+      leaf = dict(kwargs, **(per_leaf or {}).get(k, {}))
+      rate = lr * leaf.pop("lr_mult", 1.0)
+      w[k] = update(w[k], grads[k], slots[k], lr=rate, t=step + 1, **leaf)
+      out[k].append(w[k])
+  return tree({k: np.stack(x) for k, x in out.items()}), tree(slots)
 
 
 def collapsed_trajectory(weight0, grads, lrs, beta1, beta2, epsilon):

@@ -50,8 +50,13 @@ def test_speed_benchmark_writes_its_table_and_numbers(tmp_path):
 
 def test_convergence_benchmark_writes_its_table_numbers_and_plots(tmp_path):
   run_quick("convergence.py", tmp_path)
-  results = json.loads((tmp_path / "convergence.json").read_text())["results"]
+  output = json.loads((tmp_path / "convergence.json").read_text())
+  results = output["results"]
   table = (tmp_path / "convergence.md").read_text()
+  assert set(output["versions"]) == {
+      "python", "jax", "jaxlib", "optax", "numpy", "optax_ftml"}
+  assert all(f"{name} {version}" in table
+             for name, version in output["versions"].items())
   assert len(results) == 3
   for task, row in results.items():
     assert task in table
@@ -59,6 +64,14 @@ def test_convergence_benchmark_writes_its_table_numbers_and_plots(tmp_path):
         "ftml", "adam", "rmsprop", "sgd (momentum 0.9)"}
     for r in row["optimizers"].values():
       assert len(r["curve_mean"]) == row["steps"]
+      # The grid: consecutive half-decades (two, plus at most one added on
+      # each side where the best rate was at an end), the flag telling
+      # whether the selected rate is still at an end.
+      grid = sorted(map(float, r["validation_loss_by_learning_rate"]))
+      assert 2 <= len(grid) <= 4
+      assert all(round(grid[i + 1] / grid[i], 2) in (3.0, 3.33)
+                 for i in range(len(grid) - 1))
+      assert r["at_grid_edge"] == (r["learning_rate"] in (grid[0], grid[-1]))
   pngs = sorted(tmp_path.glob("convergence_*.png"))
   assert len(pngs) == 3
   assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -6,8 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from mxnet_reference import FTMLSlots
-from mxnet_reference import ftml_update
+from mxnet_reference import trajectory
 from optax_ftml import FTMLLeanState
 from optax_ftml import FTMLState
 from optax_ftml import ftml
@@ -26,20 +25,6 @@ def problem(steps, dtype, seed=0, scale=1.0):
   noise = {k: (scale * rng.randn(steps, *s)).astype(dtype)
            for k, s in SHAPES.items()}
   return weights, target, noise
-
-
-def reference_trajectory(weights, target, noise, lrs, beta1, beta2, epsilon):
-  """The same problem through the NumPy transcription of MXNet's kernel."""
-  w = {k: x.copy() for k, x in weights.items()}
-  slots = {k: FTMLSlots.zeros_like(x) for k, x in w.items()}
-  out = {k: [] for k in w}
-  for t, lr in enumerate(lrs):
-    for k in w:
-      w[k] = ftml_update(w[k], noise[k][t] + (w[k] - target[k]), slots[k],
-                         lr=lr, t=t + 1, beta1=beta1, beta2=beta2,
-                         epsilon=epsilon)
-      out[k].append(w[k])
-  return {k: np.stack(x) for k, x in out.items()}
 
 
 def relative_error(actual, expected, floor=1.0):
@@ -110,8 +95,8 @@ def test_matches_the_numpy_kernel(dtype, tolerance, scheduled, beta1, beta2,
     ours, _ = run(
         ftml(learning_rate, beta1, beta2, eps, recompute_d_prev=True),
         weights, noise, noisy_pull(target))
-  expected = reference_trajectory(weights, target, noise, lrs, dtype(beta1),
-                                  dtype(beta2), dtype(eps))
+  expected, _ = trajectory(weights, noise, lrs, noisy_pull(target), beta1=beta1,
+                           beta2=beta2, epsilon=eps, param_dtype=np.float64)
   assert relative_error(ours, expected) < tolerance
   # The weights travelled: this is not a comparison of two constants.
   assert all(np.abs(expected[k][-1] - weights[k]).max() > 0.1 for k in weights)

@@ -92,6 +92,17 @@ def mxnet_chain():
   return optax_ftml.mxnet_ftml(0.01, wd=1e-3, clip_gradient=2.0)
 
 
+def assert_float16_weights_agree(masters, expected, at_most):
+  """The float16 weights (the masters' casts) equal MXNet's except where the
+  two float32 masters, equal to float32 rounding, straddle a float16
+  rounding boundary: in at most the fraction ``at_most`` of the values, and
+  there by one float16 ulp."""
+  ours, theirs = masters.astype(np.float16), expected.astype(np.float16)
+  assert np.mean(ours != theirs) < at_most
+  assert np.all(np.abs(ours.astype(np.float32) - theirs.astype(np.float32))
+                <= np.spacing(np.abs(theirs)).astype(np.float32))
+
+
 def test_multi_precision_recipe_matches_mxnet_with_fixed_gradients():
   """float16 gradients fixed in advance: the master is MXNet's to float32
   rounding, and the float16 weights are its cast."""
@@ -112,14 +123,8 @@ def test_multi_precision_recipe_matches_mxnet_with_fixed_gradients():
   expected = np.stack(expected)
   np.testing.assert_allclose(masters, expected, rtol=0,
                              atol=2e-5 * np.abs(expected).max())
-  # The float16 weights: the cast of each master; equal to MXNet's except
-  # where the two masters straddle a float16 rounding boundary.
-  halves = masters.astype(np.float16)
-  mxnet_halves = expected.astype(np.float16)
-  assert np.mean(halves != mxnet_halves) < 0.01
-  np.testing.assert_allclose(halves.astype(np.float32),
-                             mxnet_halves.astype(np.float32),
-                             rtol=ulp(jnp.float16), atol=0)
+  # Measured: 10 of the 19,200 float16 values differ (0.05%).
+  assert_float16_weights_agree(masters, expected, at_most=0.005)
 
 
 def test_multi_precision_training_step_matches_mxnet():
@@ -146,6 +151,8 @@ def test_multi_precision_training_step_matches_mxnet():
   # ulp; the masters stay within float32 rounding of each other otherwise.
   np.testing.assert_allclose(masters, expected, rtol=0,
                              atol=2e-5 * np.abs(expected).max())
+  # Measured: 41 of the 19,200 float16 values differ (0.2%).
+  assert_float16_weights_agree(masters, expected, at_most=0.005)
 
 
 def test_master_copy_is_what_small_steps_need():

@@ -2,7 +2,9 @@
 
 The whole of MXNet's own test grid (324 settings) runs at once: the chain is
 built inside ``jax.vmap`` from traced hyperparameters, and the reference
-broadcasts them, so each setting gets its own trajectory of many steps.
+broadcasts them, so each setting gets its own trajectory of many steps. Each
+entry point is also built as users build it, from Python floats, and
+followed for hundreds of steps in float32 and float64.
 """
 
 import itertools
@@ -17,6 +19,9 @@ import optax_ftml
 from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
+from mxnet_reference import trajectory
+from scan_training import noisy_pull
+from scan_training import run
 
 # MXNet's tests/python/unittest/test_optimizer.py::test_ftml grid.
 GRID = list(itertools.product(
@@ -69,22 +74,15 @@ class Problem:
     return other
 
   def reference(self, lrs, mxnet_version):
-    """Trajectories (case, step, ...) and final slots from the NumPy kernel."""
-    w = {k: x.copy() for k, x in self.weights.items()}
-    slots = {k: FTMLSlots.zeros_like(x) for k, x in w.items()}
+    """Trajectories (case, step, ...) and final slots from the NumPy kernel,
+    given the hyperparameters unrounded (as ``ftml`` takes them)."""
     hp = grid_hyperparameters(np.float64)
-    trajectory = {k: [] for k in w}
-    for t in range(self.steps):
-      for k in w:
-        h = {n: x.reshape((-1,) + (1,) * len(SHAPES[k])) for n, x in hp.items()}
-        grad = self.noise[k][t] + (w[k] - self.target[k])
-        w[k] = ftml_update(
-            w[k], grad, slots[k], lr=lrs[t], t=t + 1, beta1=h["beta1"],
-            beta2=h["beta2"], rescale_grad=h["rescale_grad"],
-            clip_gradient=h["clip_gradient"], wd=h["wd"],
-            mxnet_version=mxnet_version)
-        trajectory[k].append(w[k])
-    return {k: np.stack(x, axis=1) for k, x in trajectory.items()}, slots
+    per_leaf = {k: {n: x.reshape((-1,) + (1,) * len(s)) for n, x in hp.items()}
+                for k, s in SHAPES.items()}
+    ws, slots = trajectory(self.weights, self.noise, lrs, noisy_pull(self.target),
+                           per_leaf=per_leaf, mxnet_version=mxnet_version,
+                           param_dtype=np.float64)
+    return {k: np.swapaxes(x, 0, 1) for k, x in ws.items()}, slots
 
   def optax(self, learning_rate, mxnet_version):
     """Trajectories (case, step, ...) and final state from the Optax chain."""
@@ -95,8 +93,7 @@ class Problem:
 
       def step(carry, noise_t):
         w, state = carry
-        grad = jax.tree.map(lambda n, x, c: n + (x - c), noise_t, w, self.target)
-        updates, state = opt.update(grad, state, w)
+        updates, state = opt.update(noisy_pull(self.target)(w, noise_t), state, w)
         w = optax.apply_updates(w, updates)
         return (w, state), w
 
@@ -214,11 +211,123 @@ def test_reference_satisfies_the_collapsed_identity():
   grads = rng.randn(200, 50)
   lrs = np.linspace(0.05, 0.001, 200)
   w0 = rng.randn(50)
-  w, slots, trajectory = w0, FTMLSlots.zeros_like(w0), []
-  for t in range(200):
-    w = ftml_update(w, grads[t], slots, lr=lrs[t], t=t + 1, beta1=0.7, beta2=0.9,
-                    epsilon=1e-6)
-    trajectory.append(w)
+  kernel, _ = trajectory(w0, grads, lrs, beta1=0.7, beta2=0.9, epsilon=1e-6,
+                         param_dtype=np.float64)
   np.testing.assert_allclose(
-      np.stack(trajectory),
-      collapsed_trajectory(w0, grads, lrs, 0.7, 0.9, 1e-6), rtol=1e-10)
+      kernel, collapsed_trajectory(w0, grads, lrs, 0.7, 0.9, 1e-6), rtol=1e-10)
+
+
+# --- The path users take: each entry point built from Python floats ----------
+#
+# The tests above pass hyperparameters as traced arrays; here they are Python
+# floats, as in ``ftml(0.01, b2=0.999)``, so the per-step scalars (1 - b2 in
+# float32, the float32 rounding of mxnet_ftml's arguments for float64
+# weights) come from the code path users take.
+
+USER_SHAPES = {"w": (6, 5), "b": (7,)}
+MXNET_PREPROCESSING = dict(rescale_grad=0.14, clip_gradient=0.4)
+
+
+def entry_points(wd):
+  """name -> (build(learning_rate), the NumPy kernel's keywords, whether a
+  schedule is called with MXNet's 1-based count)."""
+  ftml_kernel = dict(beta1=0.7, beta2=0.999, param_dtype=np.float64)
+  mxnet = dict(MXNET_PREPROCESSING, wd=wd)
+  points = {
+      "ftml": (lambda lr: optax_ftml.ftml(lr, 0.7, 0.999), ftml_kernel, False),
+      "ftml lean": (lambda lr: optax_ftml.ftml(lr, b1=0.7, b2=0.999,
+                                               recompute_d_prev=True),
+                    ftml_kernel, False)}
+  for version in (2, 1):
+    points[f"mxnet_ftml {version}"] = (
+        lambda lr, version=version: optax_ftml.mxnet_ftml(
+            lr, 0.7, 0.999, mxnet_version=version, **mxnet),
+        dict(beta1=0.7, beta2=0.999, mxnet_version=version, **mxnet), True)
+  return points
+
+
+ENTRY_POINTS = list(entry_points(0.0))
+
+
+def ftml_state(state):
+  """FTML's own state, inside an ``mxnet_ftml`` chain or not."""
+  return state if hasattr(state, "v") else state[-1]
+
+
+def cosine(dtype, steps):
+  """A decay from 0.02 to 0.002 over ``steps``, computed in ``dtype``."""
+  return lambda count: 0.002 + 0.009 * (
+      1 + jnp.cos(jnp.pi * count.astype(dtype) / steps))
+
+
+def user_problem(steps, dtype, seed=3):
+  rng = np.random.RandomState(seed)
+  weights = {k: rng.rand(*s).astype(dtype) for k, s in USER_SHAPES.items()}
+  target = {k: (2 * rng.rand(*s) - 1).astype(dtype) for k, s in USER_SHAPES.items()}
+  noise = {k: (rng.rand(steps, *s) - 0.5).astype(dtype)
+           for k, s in USER_SHAPES.items()}
+  return weights, target, noise
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_python_floats_first_step_v_is_bit_exact(name, dtype):
+  """v_1 = (1 - b2) g**2 (g after rescaling and clipping) is exact: it pins
+  1 - b2 as the kernel computes it (float32: 0.000999987125; float64:
+  0.001 for ftml, 1 - (double)0.999f for mxnet_ftml)."""
+  build, kernel, _ = entry_points(wd=0.0)[name]
+  rng = np.random.RandomState(4)
+  weights = {k: rng.rand(*s).astype(dtype) for k, s in USER_SHAPES.items()}
+  grads = {k: rng.rand(1, *s).astype(dtype) for k, s in USER_SHAPES.items()}
+  with jax.enable_x64(dtype == np.float64):
+    opt = build(0.01)
+    _, state = opt.update(jax.tree.map(lambda g: g[0], grads),
+                          opt.init(weights), weights)
+  _, slots = trajectory(weights, grads, [0.01], **kernel)
+  for k in weights:
+    assert ftml_state(state).v[k].dtype == dtype
+    np.testing.assert_array_equal(ftml_state(state).v[k], slots[k].v)
+
+
+def other_rounding(kernel):
+  """The kernel's keywords with the other rounding of the hyperparameters:
+  float32 for ftml's, none for mxnet_ftml's."""
+  other = np.float32 if kernel.get("param_dtype") == np.float64 else np.float64
+  return dict(kernel, param_dtype=other)
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_python_floats_many_steps(name, dtype, scheduled):
+  """300 steps of each entry point (weight decay too for mxnet_ftml), with
+  a constant learning rate or a schedule computed in the parameters' dtype
+  (called with the count before the update by ftml, after it by
+  mxnet_ftml). float64: ftml computes with the given hyperparameters,
+  mxnet_ftml with their float32 roundings, and each is far from the other."""
+  steps = 300
+  build, kernel, mxnet_count = entry_points(wd=0.03)[name]
+  weights, target, noise = user_problem(steps, dtype)
+  with jax.enable_x64(dtype == np.float64):
+    schedule = cosine(dtype, steps)
+    ours, state = run(build(schedule if scheduled else 0.01), weights, noise,
+                      noisy_pull(target))
+    counts = jnp.arange(steps, dtype=jnp.int32) + int(mxnet_count)
+    lrs = (np.asarray(jax.vmap(schedule)(counts)) if scheduled
+           else np.full(steps, 0.01))
+  expected, slots = trajectory(weights, noise, lrs, noisy_pull(target), **kernel)
+  tolerance = TOLERANCE[dtype]
+  assert worst_relative_error(ours, expected, floor=1.0) < tolerance
+  state = ftml_state(state)
+  fields = [("v", "v"), ("z", "z")] + (
+      [("d_prev", "d")] if hasattr(state, "d_prev") else [])
+  for ours_field, field in fields:
+    theirs = {k: getattr(s, field) for k, s in slots.items()}
+    scale = max(float(np.abs(x).max()) for x in theirs.values())
+    assert worst_relative_error(getattr(state, ours_field), theirs,
+                                floor=scale) < tolerance
+  assert all(np.abs(expected[k][-1] - weights[k]).max() > 0.1 for k in weights)
+  if dtype == np.float64:
+    other, _ = trajectory(weights, noise, lrs, noisy_pull(target),
+                          **other_rounding(kernel))
+    assert worst_relative_error(ours, other, floor=1.0) > 1e3 * tolerance

@@ -8,28 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mxnet_reference import FTMLSlots
-from mxnet_reference import ftml_update
+from mxnet_reference import trajectory
 from optax_ftml import mxnet_ftml
 from scan_training import noisy_pull
 from scan_training import run
 
 STEPS = 100
-
-
-def reference_trajectory(params, noise, target, lrs, per_leaf):
-  """The MXNet kernel per leaf; ``per_leaf[k]`` holds that leaf's keywords."""
-  w = {k: np.asarray(x) for k, x in params.items()}
-  slots = {k: FTMLSlots.zeros_like(x) for k, x in w.items()}
-  out = {k: [] for k in w}
-  for t in range(STEPS):
-    for k in w:
-      grad = noise[k][t] + (w[k] - target[k])
-      kwargs = dict(per_leaf[k])
-      lr = lrs[t] * kwargs.pop("lr_mult", 1.0)
-      w[k] = ftml_update(w[k], grad, slots[k], lr=lr, t=t + 1, **kwargs)
-      out[k].append(w[k])
-  return {k: np.stack(x) for k, x in out.items()}
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +26,14 @@ def problem():
   return params, noise, target
 
 
-def assert_close(actual, expected):
+# Relative to weights of size ~1 after 100 steps.
+TOLERANCE = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+def assert_close(actual, expected, dtype=np.float32):
   for k in expected:
-    np.testing.assert_allclose(actual[k], expected[k], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(actual[k], expected[k], rtol=0,
+                               atol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("mxnet_version", [2, 1])
@@ -56,10 +45,10 @@ def test_matches_mxnet_kernel(problem, mxnet_version, beta1, beta2, clip_gradien
   params, noise, target = problem
   opt = mxnet_ftml(0.01, beta1, beta2, wd=wd, rescale_grad=rescale_grad,
                    clip_gradient=clip_gradient, mxnet_version=mxnet_version)
-  kwargs = dict(beta1=beta1, beta2=beta2, wd=wd, rescale_grad=rescale_grad,
-                clip_gradient=clip_gradient, mxnet_version=mxnet_version)
-  expected = reference_trajectory(params, noise, target, np.full(STEPS, 0.01),
-                                  {k: kwargs for k in params})
+  expected, _ = trajectory(
+      params, noise, np.full(STEPS, 0.01), noisy_pull(target), beta1=beta1,
+      beta2=beta2, wd=wd, rescale_grad=rescale_grad, clip_gradient=clip_gradient,
+      mxnet_version=mxnet_version)
   assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
 
@@ -71,9 +60,8 @@ def test_clip_and_decay_orders_differ(problem):
   trajectories = {v: run(mxnet_ftml(0.01, mxnet_version=v, **kwargs), params,
                          noise, noisy_pull(target))[0] for v in (1, 2)}
   for version in (1, 2):
-    expected = reference_trajectory(
-        params, noise, target, np.full(STEPS, 0.01),
-        {k: dict(mxnet_version=version, **kwargs) for k in params})
+    expected, _ = trajectory(params, noise, np.full(STEPS, 0.01),
+                             noisy_pull(target), mxnet_version=version, **kwargs)
     assert_close(trajectories[version], expected)
   assert np.abs(trajectories[1]["w"] - trajectories[2]["w"]).max() > 1e-2
 
@@ -84,19 +72,34 @@ def test_schedule_follows_mxnet_convention(problem):
   table = (0.02 * 0.97 ** np.arange(STEPS + 1)).astype(np.float32)
   table_jax = jnp.asarray(table)
   opt = mxnet_ftml(lambda num_update: table_jax[num_update])
-  expected = reference_trajectory(params, noise, target, table[1:],
-                                  {k: {} for k in params})
+  expected, _ = trajectory(params, noise, table[1:], noisy_pull(target))
   assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
 
-def test_lr_mult_and_wd_mult(problem):
-  params, noise, target = problem
-  lr_mult, wd_mult = {"w": 1.0, "b": 2.0}, {"w": 1.0, "b": 0.0}
-  opt = mxnet_ftml(0.01, wd=0.05, lr_mult=lr_mult, wd_mult=wd_mult)
-  expected = reference_trajectory(
-      params, noise, target, np.full(STEPS, 0.01),
-      {k: dict(lr_mult=lr_mult[k], wd=0.05 * wd_mult[k]) for k in params})
-  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
+@pytest.mark.parametrize("scheduled", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_lr_mult_and_wd_mult(problem, dtype, scheduled):
+  """Per-parameter multipliers, with a constant rate or a schedule whose
+  values (float64 ones for float64 parameters) MXNet multiplies by lr_mult
+  in double and then rounds to float32, as it rounds wd * wd_mult: float64
+  parameters follow MXNet's float64 kernel, not the unrounded values."""
+  params, noise, target = jax.tree.map(lambda x: x.astype(dtype), problem)
+  lr_mult, wd_mult = {"w": 1.0, "b": 0.3}, {"w": 0.7, "b": 0.0}
+  rates = 0.02 * 0.97 ** np.arange(STEPS + 1) if scheduled else np.full(
+      STEPS + 1, 0.01)
+  with jax.enable_x64(dtype == np.float64):
+    table = jnp.asarray(rates.astype(dtype))
+    opt = mxnet_ftml((lambda num_update: table[num_update]) if scheduled
+                     else 0.01, wd=0.05, lr_mult=lr_mult, wd_mult=wd_mult)
+    ours = run(opt, params, noise, noisy_pull(target))[0]
+  per_leaf = {k: dict(lr_mult=lr_mult[k], wd=0.05 * wd_mult[k]) for k in params}
+  expected, _ = trajectory(params, noise, rates.astype(dtype)[1:],
+                           noisy_pull(target), per_leaf=per_leaf)
+  assert_close(ours, expected, dtype)
+  if dtype == np.float64:
+    unrounded, _ = trajectory(params, noise, rates[1:], noisy_pull(target),
+                              per_leaf=per_leaf, param_dtype=np.float64)
+    assert max(np.abs(ours[k] - unrounded[k]).max() for k in params) > 1e-9
 
 
 def test_zero_lr_mult_freezes_a_parameter(problem):

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 import pytest
 
+import scan_training
 from optax_ftml import ftml
 
 LEARNING_RATE = 1e-2  # converges on every target below, real and complex
@@ -115,21 +116,34 @@ def test_extra_args_and_no_recompilation():
   assert len(traces) == 1
 
 
-def test_inject_hyperparams_matches():
-  kwargs = dict(learning_rate=1e-2, b1=0.7, b2=0.9, eps=1e-6)
+@pytest.mark.parametrize("learning_rate", [
+    1e-2, optax.exponential_decay(0.02, transition_steps=1, decay_rate=0.9)])
+def test_inject_hyperparams_matches(learning_rate):
+  """Injected hyperparameters (arrays in the state) and Python floats give
+  the same updates and state step by step, and the same 30-step trajectory
+  under ``jit``, a schedule included."""
+  kwargs = dict(learning_rate=learning_rate, b1=0.7, b2=0.9, eps=1e-6)
   opt = ftml(**kwargs)
   injected = optax.inject_hyperparams(ftml)(**kwargs)
   params = [-jnp.ones((2, 3)), jnp.ones((2, 5, 2))]
   grads = [jnp.ones((2, 3)), -jnp.ones((2, 5, 2))]
   state, state_injected = jax.jit(opt.init)(params), jax.jit(injected.init)(params)
-  for _ in range(5):
-    updates, state = jax.jit(opt.update)(grads, state, params)
-    updates_injected, state_injected = jax.jit(injected.update)(
-        grads, state_injected, params)
-    chex.assert_trees_all_close(updates_injected, updates, rtol=1e-6)
-    chex.assert_trees_all_close(state_injected.inner_state, state, rtol=1e-6)
-    params = optax.apply_updates(params, updates)
-  assert float(state_injected.hyperparams["b1"]) == pytest.approx(0.7)
+  with jax.numpy_dtype_promotion("standard"):  # optax's schedules promote
+    for _ in range(5):
+      updates, state = jax.jit(opt.update)(grads, state, params)
+      updates_injected, state_injected = jax.jit(injected.update)(
+          grads, state_injected, params)
+      chex.assert_trees_all_close(updates_injected, updates, rtol=1e-6)
+      chex.assert_trees_all_close(state_injected.inner_state, state, rtol=1e-6)
+      params = optax.apply_updates(params, updates)
+    assert float(state_injected.hyperparams["b1"]) == pytest.approx(0.7)
+
+    rng = np.random.RandomState(5)
+    many = jnp.asarray(rng.randn(30, 5).astype(np.float32))
+    w0 = jnp.asarray(rng.randn(5).astype(np.float32))
+    trajectory, _ = scan_training.run(opt, w0, many)
+    trajectory_injected, _ = scan_training.run(injected, w0, many)
+  chex.assert_trees_all_close(trajectory_injected, trajectory, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -143,13 +157,34 @@ def test_preserve_dtype(dtype):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 def test_gradient_accumulation(dtype):
-  opt = optax.MultiSteps(ftml(LEARNING_RATE), every_k_schedule=4)
-  params = jnp.array([1.0, 2.0], dtype=dtype)
-  grads = jax.grad(lambda x: jnp.sum(x**2))(params)
+  """MultiSteps over 20 accumulated steps: zero updates between them, and
+  each applied step is FTML's on the mean of the two gradients."""
+  k, steps = 2, 20
+  opt = optax.MultiSteps(ftml(LEARNING_RATE), every_k_schedule=k)
+  plain = ftml(LEARNING_RATE)
+  rng = np.random.RandomState(6)
+  grads = rng.randn(steps, k, 3)
+  grads[0] = [[0.1, -0.2, 0.3], [0.3, 0.0, -0.1]]
+  grads = jnp.asarray(grads, dtype)
+  params = plain_params = jnp.asarray([1.0, 2.0, -3.0], dtype)
+  state, plain_state = opt.init(params), plain.init(params)
+  rtol = 1e-6 if dtype == jnp.float32 else 1e-2
   # MultiSteps itself mixes its float32 counters with bfloat16 gradients.
   with jax.numpy_dtype_promotion("standard"):
-    updates, _ = jax.jit(opt.update)(grads, jax.jit(opt.init)(params), params)
-  chex.assert_trees_all_equal(updates, jnp.zeros_like(grads))
+    for t in range(steps):
+      for micro in range(k - 1):
+        updates, state = jax.jit(opt.update)(grads[t, micro], state, params)
+        chex.assert_trees_all_equal(updates, jnp.zeros_like(params))
+      updates, state = jax.jit(opt.update)(grads[t, k - 1], state, params)
+      mean = jnp.mean(grads[t].astype(jnp.float32), axis=0).astype(dtype)
+      expected, plain_state = plain.update(mean, plain_state, plain_params)
+      if t == 0:
+        chex.assert_trees_all_close(updates.astype(jnp.float32),
+                                    expected.astype(jnp.float32), rtol=rtol)
+      params = optax.apply_updates(params, updates)
+      plain_params = optax.apply_updates(plain_params, expected)
+      chex.assert_trees_all_close(params.astype(jnp.float32),
+                                  plain_params.astype(jnp.float32), rtol=rtol)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16, jnp.float32,

@@ -20,6 +20,7 @@ from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
 from mxnet_reference import ftml_update_low_precision
+from mxnet_reference import trajectory
 
 SETTINGS = hypothesis.settings(max_examples=50, deadline=None, derandomize=True,
                                suppress_health_check=[hypothesis.HealthCheck.too_slow])
@@ -79,16 +80,14 @@ def as_arrays(p, dtype, names=("w0", "grads", "lr", "b1", "b2", "eps")):
 
 
 def reference(p, dtype, lrs=None, update=ftml_update, state_dtype=None, **kwargs):
-  """The NumPy kernel's trajectory in ``dtype`` (slots in ``state_dtype``)."""
-  w = np.asarray(p["w0"], dtype)
-  slots = FTMLSlots(*(np.zeros(w.shape, state_dtype or dtype),) * 3)
+  """The NumPy kernel's trajectory in ``dtype`` (slots in ``state_dtype``),
+  given the hyperparameters unrounded (as ``ftml`` takes them)."""
+  w0 = np.asarray(p["w0"], dtype)
+  slots = FTMLSlots(*(np.zeros(w0.shape, state_dtype or dtype),) * 3)
   lrs = np.full(len(p["grads"]), p["lr"]) if lrs is None else lrs
-  out = []
-  for t, (g, lr) in enumerate(zip(p["grads"], lrs, strict=True), start=1):
-    w = update(w, np.asarray(g, dtype), slots, lr=lr, t=t, beta1=p["b1"],
-               beta2=p["b2"], epsilon=p["eps"], **kwargs)
-    out.append(w)
-  return np.stack(out)
+  return trajectory(w0, np.asarray(p["grads"], dtype), lrs, update=update,
+                    slots=slots, beta1=p["b1"], beta2=p["b2"], epsilon=p["eps"],
+                    param_dtype=np.float64, **kwargs)[0]
 
 
 def assert_close_to_scale(actual, expected, rtol, w0, b2=0.0):
