@@ -28,7 +28,7 @@ class FTMLState(NamedTuple):
   v: optax.Updates
   """Exponential moving average of the squared gradient magnitude (real)."""
   z: optax.Updates
-  """FTML's linear term: the moving leader is ``-z / d_prev``."""
+  """FTML's linear term (the moving leader is ``-z / d_prev``)."""
   d_prev: optax.Updates
   """The diagonal ``d_{t-1}`` of the previous step (real)."""
 
@@ -41,7 +41,7 @@ class FTMLLeanState(NamedTuple):
   v: optax.Updates
   """Exponential moving average of the squared gradient magnitude (real)."""
   z: optax.Updates
-  """FTML's linear term: the moving leader is ``-z / d_prev``."""
+  """FTML's linear term (the moving leader is ``-z / d_prev``)."""
   prev_learning_rate: jax.Array
   """The learning rate of the previous step (0 before the first), from which
   and ``v`` the previous diagonal ``d_prev`` is recomputed."""

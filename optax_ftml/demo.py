@@ -57,6 +57,7 @@ OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation],
 }
 
 NUM_CLASSES = 10
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,7 +146,7 @@ class RunResult:
   test_accuracies: np.ndarray
   train_loss: float  # over the whole training set, after the last step
   test_accuracy: float
-  steps_per_second: float
+  steps_per_second: float  # NaN after one step: no step is timed
 
 
 def train(name: str, learning_rate: float, data: Digits, steps: int,
@@ -229,8 +230,11 @@ def plot(results: Sequence[RunResult], path: str, title: str) -> None:
 def format_table(results: Sequence[RunResult]) -> str:
   header = ("optimizer", "learning rate", "final train loss", "test accuracy",
             "steps/s")
+  # A run of one step has no timed step: its speed is shown as "-".
   rows = [(r.name, f"{r.learning_rate:g}", f"{r.train_loss:.4f}",
-           f"{100 * r.test_accuracy:.2f}%", f"{r.steps_per_second:.0f}")
+           f"{100 * r.test_accuracy:.2f}%",
+           f"{r.steps_per_second:.0f}" if math.isfinite(r.steps_per_second)
+           else "-")
           for r in results]
   widths = [max(len(row[i]) for row in (header, *rows))
             for i in range(len(header))]
@@ -252,6 +256,19 @@ def _positive(kind: type) -> Callable[[str], int | float]:
       raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
   return parse
+
+
+def _seed(text: str) -> int:
+  # NumPy's and scikit-learn's seeds are 32-bit unsigned integers.
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(
+        f"expected an integer, got {text!r}") from None
+  if not 0 <= value <= MAX_SEED:
+    raise argparse.ArgumentTypeError(
+        f"must be in [0, {MAX_SEED}], got {text}")
+  return value
 
 
 def _learning_rate(text: str) -> tuple[str, float]:
@@ -285,7 +302,7 @@ def make_parser() -> argparse.ArgumentParser:
                       help="training steps per optimizer")
   parser.add_argument("--batch-size", type=_positive(int), default=64,
                       help="examples per step")
-  parser.add_argument("--seed", type=int, default=0,
+  parser.add_argument("--seed", type=_seed, default=0,
                       help="seed of the initial weights, batches and split")
   parser.add_argument("--output", default="ftml_demo.png",
                       help="where to write the PNG plot")

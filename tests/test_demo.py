@@ -81,6 +81,9 @@ def test_digits_split_is_stratified_and_scaled():
      "cannot be written: No such file or directory"),
     (["--output", "/"], "must name a .png file"),
     (["--output", "/proc/plot.png"], "cannot be written"),
+    (["--seed", "-1"], "must be in [0, 4294967295], got -1"),
+    (["--seed", str(2**32)], "must be in [0, 4294967295], got 4294967296"),
+    (["--seed", "1.5"], "expected an integer, got '1.5'"),
 ])
 def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
   with pytest.raises(SystemExit) as exit_info:
@@ -89,6 +92,27 @@ def test_bad_flags_exit_with_a_clear_message(argv, message, capsys):
   err = capsys.readouterr().err
   assert "usage: python -m optax_ftml.demo" in err
   assert message in err
+
+
+def test_every_seed_that_numpy_and_scikit_learn_accept_is_accepted(tmp_path):
+  parser = demo.make_parser()
+  for seed in (0, 2**32 - 1):
+    args = demo.parse_args(parser, ["--seed", str(seed), "--output",
+                                    str(tmp_path / "curves.png")])
+    assert args.seed == seed
+    np.random.default_rng(args.seed)
+    demo.load_digits(seed=args.seed)
+
+
+def test_one_step_run_prints_no_nan(tmp_path, capsys):
+  (result,) = demo.main(["--optimizers", "ftml", "--steps", "1",
+                         "--output", str(tmp_path / "curves.png"),
+                         "--no-progress"])
+  assert np.isnan(result.steps_per_second)  # nothing was timed
+  out = capsys.readouterr().out
+  assert "nan" not in out.lower()
+  row = next(line for line in out.splitlines() if line.startswith("ftml "))
+  assert row.split()[-1] == "-"
 
 
 def test_package_imports_without_the_demo_dependencies():

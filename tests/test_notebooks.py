@@ -29,6 +29,20 @@ def test_committed_without_outputs(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_colab_installs_the_package_by_name(path):
+  # On Colab: the released package by its name, or a wheel built from a clone
+  # and uploaded; never an address that nothing publishes.
+  notebook = nbformat.read(path, as_version=4)
+  install = next(cell.source for cell in notebook.cells
+                 if "%pip install" in cell.source)
+  assert '"google.colab" in sys.modules' in install
+  assert '"optax_ftml[demo]"' in install
+  assert 'glob.glob("/content/optax_ftml-*.whl")' in install
+  assert "python -m build" in install
+  assert not re.search(r"git\+|https?://", install)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_runs_top_to_bottom(path, tmp_path, monkeypatch):
   monkeypatch.setenv("OPTAX_FTML_NOTEBOOK_STEPS", "30")
   # scale_out.ipynb sets up its own simulated devices, as on a fresh machine.

@@ -1,0 +1,68 @@
+"""The package as released: one version everywhere, and the wheel's contents.
+
+The continuous integration installs the built wheel and runs the tests from
+outside the source tree (OPTAX_FTML_TESTING_WHEEL=1); there, the installed
+distribution is checked too.
+"""
+
+import importlib.metadata
+import os
+import pathlib
+import re
+import tomllib
+
+import pytest
+
+import optax_ftml
+
+ROOT = pathlib.Path(__file__).parent.parent
+TESTING_WHEEL = os.environ.get("OPTAX_FTML_TESTING_WHEEL") == "1"
+
+
+def test_one_version_everywhere():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert "version" not in project and "version" in project["dynamic"]
+  version = optax_ftml.__version__
+  assert re.fullmatch(r"\d+\.\d+\.\d+", version)
+  citation = (ROOT / "CITATION.cff").read_text()
+  assert re.search(r"^version: (.+)$", citation, re.M)[1] == version
+  changelog = (ROOT / "CHANGELOG.md").read_text()
+  assert re.search(r"^## (\S+)", changelog, re.M)[1] == version
+
+
+def test_every_dependency_declares_its_floor():
+  # .ci/floors installs exactly these lowest versions and tests them.
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  for requirement in project["dependencies"]:
+    assert re.fullmatch(r"[\w.-]+>=[\w.]+", requirement), requirement
+
+
+def test_documented_floors_are_the_declared_ones():
+  project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  requirements = [*project["dependencies"],
+                  *(r for extra in project["optional-dependencies"].values()
+                    for r in extra)]
+  declared = dict(re.fullmatch(r"([\w.-]+)>=([\w.]+)", r).groups()
+                  for r in requirements if ">=" in r)
+  page = (ROOT / "docs" / "getting_started.md").read_text()
+  documented = dict(re.findall(r"^\| `([\w.-]+)`[^|]* \| ([\w.]+) \|", page,
+                               re.M))
+  assert documented.keys() >= {"optax", "numpy", "chex", "flax",
+                               "orbax-checkpoint"}
+  for name, floor in documented.items():
+    assert declared[name] == floor, name
+  assert project["requires-python"] == ">=3.11"
+  assert "| Python | 3.11 |" in page
+
+
+@pytest.mark.skipif(not TESTING_WHEEL, reason="runs on the installed wheel")
+def test_tests_import_the_installed_wheel():
+  module = pathlib.Path(optax_ftml.__file__).resolve()
+  assert not module.is_relative_to(ROOT.resolve()), module
+  distribution = importlib.metadata.distribution("optax_ftml")
+  assert distribution.version == optax_ftml.__version__
+  files = {file.as_posix() for file in distribution.files}
+  for name in ("_ftml.py", "_mxnet.py", "demo.py", "py.typed", "__init__.py"):
+    assert f"optax_ftml/{name}" in files
+  assert any(file.endswith("licenses/LICENSE") for file in files)
+  assert distribution.metadata["License-Expression"] == "Apache-2.0"
