@@ -1,14 +1,11 @@
 """Reading MXNet's parameter and trainer-state files, written by MXNet 1.9.1
 (tests/mxnet_fixtures/record.py), without MXNet."""
 
-import doctest
-import importlib
 import json
 import os
 import pathlib
 import pickle
 
-import jax
 import numpy as np
 import pytest
 
@@ -188,11 +185,3 @@ def test_other_pickles_are_not_trainer_states():
   with pytest.raises(MXNetFileError, match="integer indices"):
     read_mxnet_trainer_states(pickle.dumps({"a": 1}))
 
-
-@pytest.mark.parametrize("module", ["_mxnet_files", "_mxnet_resume"])
-def test_docstring_examples(module):
-  module = importlib.import_module(f"optax_ftml.{module}")
-  with jax.numpy_dtype_promotion("standard"):  # user code, default promotion
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
-  assert result.attempted > 0
-  assert result.failed == 0
