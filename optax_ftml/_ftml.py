@@ -132,14 +132,17 @@ def _limited(g: jax.Array) -> jax.Array:
   return limit(g)
 
 
-def _finite_if(v: jax.Array, x: jax.Array) -> jax.Array:
-  """``x``, a product of ``v``, at most the largest finite number if ``v`` is.
+def _bias_corrected(v: jax.Array, s: _StepScalars) -> jax.Array:
+  """``v / (1 - b2**t)``, and at most the largest finite number if ``v`` is.
 
-  Near the gradient bound, ``v_t / (1 - b2**t)`` can round above the largest
-  finite number (by the rounding of ``1 - b2**t``: up to 3e-5 relative for
-  b2 = 0.999 in float32), where MXNet's weights become NaN.
+  XLA turns a division by a broadcast scalar into this product; writing it
+  out makes every computation of ``d_t`` round the same way. Near the
+  gradient bound the result can round above the largest finite number (by
+  the rounding of ``1 - b2**t``: up to 3e-5 relative for b2 = 0.999 in
+  float32), where MXNet's weights become NaN.
   """
-  return jnp.minimum(x, jnp.maximum(v, jnp.finfo(v.dtype).max))
+  return jnp.minimum(v * s.inv_bias2,
+                     jnp.maximum(v, jnp.finfo(v.dtype).max))
 
 
 def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
@@ -184,12 +187,12 @@ def ftml_kernel(weight: jax.Array, grad: jax.Array, v: jax.Array,
   ``z = 0``, which keeps ``z + d_t w = 0``.
   """
   cast = functools.partial(jnp.asarray, dtype=weight.dtype)  # real -> complex
-  g = _limited(grad)
-  v = stored.v(s.beta2 * v + s.one_minus_beta2 * jnp.real(g * jnp.conj(g)))
-  # MXNet divides by 1 - b2**t: XLA would turn that into this product.
-  d_t = s.d_scale * (jnp.sqrt(_finite_if(v, v * s.inv_bias2)) + s.eps)
+  grad_i = _limited(grad)
+  v = stored.v(s.beta2 * v
+               + s.one_minus_beta2 * jnp.real(grad_i * jnp.conj(grad_i)))
+  d_t = s.d_scale * (jnp.sqrt(_bias_corrected(v, s)) + s.eps)
   z = stored.z(_zero_where(d_t == 0, (
-      cast(s.beta1) * z + cast(s.one_minus_beta1) * g)
+      cast(s.beta1) * z + cast(s.one_minus_beta1) * grad_i)
       - cast(d_t - s.beta1 * d) * weight))
   weight_step = _zero_where(d_t == 0, -z / cast(d_t) - weight)
   return _KernelOutputs(weight_step, v, z, d_t)
@@ -214,13 +217,14 @@ def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
      ``d_prev`` (or the old ``v`` it is recomputed from);
   2. ``v`` reads the old ``v`` and the gradient, and overwrites ``v``: after
      loop 1, which read it;
-  3. ``d_prev`` reads the new ``v`` and overwrites ``d_prev``: after loop 1;
+  3. ``d_prev`` (only the default state stores it) reads the new ``v`` and
+     overwrites ``d_prev``: after loop 1;
   4. the weights read the new ``v`` and ``z`` and overwrite the weights,
      which loop 1 read.
 
   XLA orders loops by data dependence only, and resolves any other
   write-after-read order with a copy: loops 2 and 3 therefore read the new
-  ``z`` through :func:`after`'s select, whose condition ``never`` is false
+  ``z`` through ``after``'s select, whose condition ``never`` is false
   (it costs no memory traffic: the condition does not depend on the
   element). The same distinct inputs keep XLA from merging the loops'
   ``d_t`` computations into one, which it would materialize.
@@ -252,6 +256,29 @@ def _recomputed_d_prev(weight: jax.Array, grad: jax.Array, v: jax.Array,
   d_t = ftml_kernel(weight, grad, v, z, jnp.zeros_like(v), before, _Reads(
       v=lambda _: v, z=precision.stored_z)).d
   return precision.stored_v(d_t)
+
+
+@functools.partial(jax.jit, static_argnames="precision")
+def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
+               d_prev: jax.Array | _StepScalars, now: _StepScalars,
+               never: jax.Array, precision: _dtypes.Precision
+               ) -> _KernelOutputs:
+  """One parameter's step, in its storage dtypes; ``d_prev`` is the stored
+  array, or the previous step's scalars to recompute it with.
+
+  Jitted so that parameters of one shape and dtype share one trace: a model's
+  step then traces in about the time of its distinct shapes (XLA inlines the
+  calls; the compiled step is the same).
+  """
+  p = precision
+  weight, grad, v, z = (param.astype(p.compute), grad.astype(p.compute),
+                        v.astype(p.real), z.astype(p.compute))
+  d_prev = (_recomputed_d_prev(weight, grad, v, z, d_prev, p)
+            if isinstance(d_prev, _StepScalars) else d_prev.astype(p.real))
+  new = _in_place_loops(weight, grad, v, z, d_prev, now, never, p)
+  return _KernelOutputs(new.weight_step.astype(param.dtype),
+                        new.v.astype(p.stored.v), new.z.astype(p.stored.z),
+                        new.d.astype(p.stored.v))
 
 
 def ftml(
@@ -406,33 +433,28 @@ def ftml(
                 ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
     state = cast(FTMLState | FTMLLeanState, state)
-    if isinstance(state, FTMLLeanState):
-      lean = state
-      before = functools.cache(lambda real: _StepScalars.at(
-          lean.count, lean.prev_learning_rate, b1, b2, eps, real))
-      stored_d_prev = ()
-    else:
-      before, stored_d_prev = None, (state.d_prev,)
+    stored_d_prev = () if isinstance(state, FTMLLeanState) else (state.d_prev,)
     _validation.check_update(params, updates,
                              (state.v, state.z, *stored_d_prev))
 
+    # The step's scalars, once per real dtype; the lean state's d_prev is
+    # recomputed with the previous step's.
     count = jnp.asarray(optax.safe_increment(state.count))
     never = count < 0
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     now = functools.cache(
         lambda real: _StepScalars.at(count, lr, b1, b2, eps, real))
+    before = None
+    if isinstance(state, FTMLLeanState):
+      lean = state
+      before = functools.cache(lambda real: _StepScalars.at(
+          lean.count, lean.prev_learning_rate, b1, b2, eps, real))
 
-    def update_leaf(param, grad, v, z, *d_prev):
+    def update_leaf(param, grad, v, z, *stored_d_prev):
       p = _dtypes.Precision.of(param.dtype,
-                               _dtypes.StorageDtypes(z.dtype, v.dtype))
-      weight, grad, v, z = (param.astype(p.compute), grad.astype(p.compute),
-                            v.astype(p.real), z.astype(p.compute))
-      d_prev = (d_prev[0].astype(p.real) if before is None else
-                _recomputed_d_prev(weight, grad, v, z, before(p.real), p))
-      new = _in_place_loops(weight, grad, v, z, d_prev, now(p.real), never, p)
-      return _KernelOutputs(new.weight_step.astype(param.dtype),
-                            new.v.astype(p.stored.v), new.z.astype(p.stored.z),
-                            new.d.astype(p.stored.v))
+                               _dtypes.StorageDtypes(z=z.dtype, v=v.dtype))
+      d_prev = stored_d_prev[0] if before is None else before(p.real)
+      return _leaf_step(param, grad, v, z, d_prev, now(p.real), never, p)
 
     new = _per_output(jax.tree.map(update_leaf, params, updates, state.v,
                                    state.z, *stored_d_prev))
