@@ -151,10 +151,14 @@ def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
 
 
 class _KernelOutputs(NamedTuple):
+  """What the kernel computes for one parameter."""
+
   weight_step: jax.Array
+  """``w_t - w_{t-1}``: MXNet's ``-z / d_t`` less the weight."""
   v: jax.Array
   z: jax.Array
   d: jax.Array
+  """``d_t``, the next step's ``d_prev``."""
 
 
 def _per_output(per_leaf: Any) -> _KernelOutputs:
