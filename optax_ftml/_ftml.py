@@ -204,8 +204,8 @@ def ftml_kernel(weight: jax.Array, grad: jax.Array, v: jax.Array,
 
 def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
                     z: jax.Array, d_prev: jax.Array, now: _StepScalars,
-                    never: jax.Array, precision: _dtypes.Precision
-                    ) -> _KernelOutputs:
+                    never: jax.Array, precision: _dtypes.Precision,
+                    reads_old_v: bool) -> _KernelOutputs:
   """The kernel's outputs, arranged so that XLA:CPU updates each in place.
 
   XLA:CPU computes each output array of the jitted step in a loop of its own
@@ -217,23 +217,25 @@ def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
   reads stored arrays only and recomputes ``d_t`` from them (a square root
   costs less than a temporary's two passes), in this order:
 
-  1. ``z`` reads the weights, the gradient, the old ``v`` and ``z``, and
-     ``d_prev`` (or the old ``v`` it is recomputed from);
-  2. ``v`` reads the old ``v`` and the gradient, and overwrites ``v``: after
-     loop 1, which read it;
+  1. ``v`` reads the old ``v`` and the gradient;
+  2. ``z`` reads the weights, the gradient, the new ``v``, the old ``z`` and
+     ``d_prev``. When ``d_prev`` is recomputed from the old ``v``
+     (``reads_old_v``), ``z`` reads the old ``v`` instead (recomputing the new
+     one) and comes first, so that ``v`` is overwritten after it;
   3. ``d_prev`` (only the default state stores it) reads the new ``v`` and
-     overwrites ``d_prev``: after loop 1;
+     overwrites ``d_prev``, which loop 2 read;
   4. the weights read the new ``v`` and ``z`` and overwrite the weights,
-     which loop 1 read.
+     which loop 2 read.
 
   XLA orders loops by data dependence only, and resolves any other
-  write-after-read order with a copy: loops 2 and 3 therefore read the new
-  ``z`` through ``after``'s select, whose condition ``never`` is false
-  (it costs no memory traffic: the condition does not depend on the
-  element). The same distinct inputs keep XLA from merging the loops'
-  ``d_t`` computations into one, which it would materialize.
-  ``tests/test_compiled_structure.py`` checks the compiled step: one loop
-  per output array and no copies, in every dtype.
+  write-after-read order with a copy: a loop that must follow the ``z`` loop
+  without reading its result reads it through ``after``'s select, whose
+  condition ``never`` is false (it costs no memory traffic: the condition
+  does not depend on the element). Distinct inputs also keep XLA from
+  merging the loops' ``d_t`` computations into one, which it would
+  materialize: the weights' loop computes it with scalars (``apart``) that
+  pass such a select. ``tests/test_compiled_structure.py`` checks the
+  compiled step: one loop per output array and no copies, in every dtype.
   """
   stored = _Reads(v=precision.stored_v, z=precision.stored_z)
 
@@ -241,12 +243,19 @@ def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
     """``x``, read once ``loop_output`` is written."""
     return jax.lax.select(never, jnp.real(loop_output).astype(x.dtype), x)
 
-  new_z = ftml_kernel(weight, grad, v, z, d_prev, now, stored).z
-  new_v = ftml_kernel(weight, grad, after(new_z, v), z, d_prev, now,
-                      stored).v
+  if reads_old_v:
+    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, stored).z
+    new_v = ftml_kernel(weight, grad, after(new_z, v), z, d_prev, now,
+                        stored).v
+  else:
+    new_v = ftml_kernel(weight, grad, v, z, d_prev, now, stored).v
+    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
+        v=lambda _: new_v, z=stored.z)).z
   new_d = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
       v=lambda _: after(new_z, new_v), z=stored.z)).d
-  weight_step = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
+  apart = now._replace(inv_bias2=jax.lax.select(
+      never, jnp.zeros_like(now.inv_bias2), now.inv_bias2))
+  weight_step = ftml_kernel(weight, grad, v, z, d_prev, apart, _Reads(
       v=lambda _: new_v, z=lambda _: new_z)).weight_step
   return _KernelOutputs(weight_step, new_v, new_z, new_d)
 
@@ -277,9 +286,11 @@ def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
   p = precision
   weight, grad, v, z = (param.astype(p.compute), grad.astype(p.compute),
                         v.astype(p.real), z.astype(p.compute))
+  recompute = isinstance(d_prev, _StepScalars)
   d_prev = (_recomputed_d_prev(weight, grad, v, z, d_prev, p)
             if isinstance(d_prev, _StepScalars) else d_prev.astype(p.real))
-  new = _in_place_loops(weight, grad, v, z, d_prev, now, never, p)
+  new = _in_place_loops(weight, grad, v, z, d_prev, now, never, p,
+                        reads_old_v=recompute)
   return _KernelOutputs(new.weight_step.astype(param.dtype),
                         new.v.astype(p.stored.v), new.z.astype(p.stored.z),
                         new.d.astype(p.stored.v))
