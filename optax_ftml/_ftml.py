@@ -9,20 +9,26 @@ References:
 
 from __future__ import annotations
 
-import numbers
+import functools
+import operator
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
+from typing import cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ftml import _dtypes
+from optax_ftml import _validation
+
 
 class FTMLState(NamedTuple):
   """State of :func:`ftml`."""
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   """Number of updates applied so far (``int32``, saturating); the kernel's
   1-based step ``t`` is ``count + 1``."""
   v: optax.Updates
@@ -36,7 +42,7 @@ class FTMLState(NamedTuple):
 class FTMLLeanState(NamedTuple):
   """State of :func:`ftml` with ``recompute_d_prev=True``: Adam's memory."""
 
-  count: jax.Array
+  count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]
   """Number of updates applied so far (``int32``, saturating)."""
   v: optax.Updates
   """Exponential moving average of the squared gradient magnitude (real)."""
@@ -47,30 +53,26 @@ class FTMLLeanState(NamedTuple):
   and ``v`` the previous diagonal ``d_prev`` is recomputed."""
 
 
-class _Coefficients(NamedTuple):
-  """The per-step scalars of the update, in one real dtype.
+class _StepScalars(NamedTuple):
+  """The scalars of one step, in one real dtype.
 
   MXNet evaluates them per element in the weight dtype; they depend only on
   the step, so computing them once per step gives the same roundings.
   """
 
-  real: Any
   beta1: jax.Array
   beta2: jax.Array
   one_minus_beta1: jax.Array
   one_minus_beta2: jax.Array
   d_scale: jax.Array
   """``(1 - b1**t) / lr``, and 0 where ``lr = 0``."""
-  grad_bound: jax.Array
-  """``sqrt(max * (1 - b2)) / 2``: below it no ``|g|**2 / (1 - b2**t)``
-  overflows (2.9e17 in float32 for b2 = 0.999)."""
   inv_bias2: jax.Array
   """``1 / (1 - b2**t)``, and 0 where ``t = 0`` (so that ``d_0 = 0``)."""
   eps: jax.Array
 
   @classmethod
   def at(cls, t: jax.Array, lr: Any, b1: Any, b2: Any, eps: Any,
-         real: Any) -> _Coefficients:
+         real: Any) -> _StepScalars:
     """The scalars of the 1-based step ``t`` with learning rate ``lr``."""
     first = t == 0
     t = t.astype(real)
@@ -82,134 +84,216 @@ class _Coefficients(NamedTuple):
     frozen = rate == 0
     d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
     inv_bias2 = jnp.where(first, 0, 1 / (1 - beta2**t))
-    grad_bound = jnp.sqrt(jnp.finfo(real).max * (1 - beta2)) / 2
-    return cls(real, beta1, beta2, 1 - beta1, 1 - beta2, d_scale, grad_bound,
-               inv_bias2, jnp.asarray(eps, real))
-
-  def second_moment(self, v: jax.Array, g: jax.Array) -> jax.Array:
-    """``v_t`` from ``v_{t-1}`` and the gradient."""
-    return self.beta2 * v + self.one_minus_beta2 * jnp.real(g * jnp.conj(g))
-
-  def diagonal(self, v: jax.Array) -> jax.Array:
-    """``d_t`` from ``v_t``."""
-    # XLA rewrites a division by a broadcast scalar into this product; writing
-    # it out makes every computation of d_t round the same way.
-    return self.d_scale * (jnp.sqrt(v * self.inv_bias2) + self.eps)
+    return cls(beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2,
+               jnp.asarray(eps, real))
 
 
-def _bounded(g: jax.Array, bound: jax.Array) -> jax.Array:
-  """``g`` with finite components limited to ``bound`` (half of it per
-  component for complex).
+@functools.cache
+def gradient_bound(dtype: Any) -> np.ndarray:
+  """The largest gradient component whose squared magnitude is finite.
 
-  The bound is far beyond any ordinary gradient, which it leaves exactly as
-  it is. A larger finite gradient would otherwise overflow ``v`` or ``d_t``
-  and turn that element's state into NaN for good, unseen by
-  ``optax.apply_if_finite`` (which checks the incoming gradients).
+  MXNet's kernel computes ``g * g``: beyond this bound it overflows, ``v``
+  becomes infinite and the weights NaN. Within it, ``v_t`` (an average of
+  the ``|g|**2`` seen, from ``v_0 = 0``) and ``v_t / (1 - b2**t)`` do not
+  exceed the largest ``|g|**2`` but for rounding. For complex ``dtype`` the
+  bound applies to each component: ``|g|**2 = re**2 + im**2``. 1.8e19 for
+  float32 (the float below 2**64), 1.3e154 for float64; 1.3e19 for
+  complex64.
   """
+  real = _dtypes.real_dtype(dtype).type
+  terms = real(2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
+  with np.errstate(over="ignore"):
+    def finite(x):
+      return bool(np.isfinite(terms * (x * x)))
+    bound = np.sqrt(np.finfo(real).max / terms)
+    while not finite(bound):
+      bound = np.nextafter(bound, real(0))
+    while finite(np.nextafter(bound, real(np.inf))):
+      bound = np.nextafter(bound, real(np.inf))
+  return bound
 
-  def limit(x, bound):
-    # Infinities pass: like NaN, they propagate as in every Optax optimizer.
+
+def _limited(g: jax.Array) -> jax.Array:
+  """``g`` with finite components limited to :func:`gradient_bound`.
+
+  A larger finite gradient would overflow ``v`` and turn that element's
+  state into NaN for good, unseen by ``optax.apply_if_finite`` (which checks
+  the incoming gradients). Infinities pass: like NaN, they propagate as in
+  every Optax optimizer.
+  """
+  bound = gradient_bound(g.dtype)
+
+  def limit(x):
     return jax.lax.select(jnp.abs(x) == jnp.inf, x,
                           jax.lax.clamp(-bound, x, bound))
 
   if jnp.iscomplexobj(g):
-    return jax.lax.complex(limit(g.real, bound / 2), limit(g.imag, bound / 2))
-  return limit(g, bound)
+    return jax.lax.complex(limit(g.real), limit(g.imag))
+  return limit(g)
+
+
+def _bias_corrected(v: jax.Array, s: _StepScalars) -> jax.Array:
+  """``v / (1 - b2**t)``, and at most the largest finite number if ``v`` is.
+
+  XLA turns a division by a broadcast scalar into this product; writing it
+  out makes every computation of ``d_t`` round the same way. Near the
+  gradient bound the result can round above the largest finite number (by
+  the rounding of ``1 - b2**t``: up to 3e-5 relative for b2 = 0.999 in
+  float32), where MXNet's weights become NaN.
+  """
+  return jnp.minimum(v * s.inv_bias2,
+                     jnp.maximum(v, jnp.finfo(v.dtype).max))
 
 
 def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
-  """``jnp.where(condition, 0, x)`` as one primitive (the per-leaf update is
-  written with ``lax`` operations: fewer to trace and to compile)."""
+  """``jnp.where(condition, 0, x)`` as one primitive."""
   return jax.lax.select(condition, jnp.zeros_like(x), x)
 
 
-def _is_concrete_real(value: Any) -> bool:
-  """Whether ``value`` is a Python or NumPy real number that can be checked."""
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+class _KernelOutputs(NamedTuple):
+  """What the kernel computes for one parameter."""
+
+  weight_step: jax.Array
+  """``w_t - w_{t-1}``: MXNet's ``-z / d_t`` less the weight."""
+  v: jax.Array
+  z: jax.Array
+  d: jax.Array
+  """``d_t``, the next step's ``d_prev``."""
 
 
-def _check_hyperparameter(name: str, value: Any, low: float, high: float,
-                          high_open: bool) -> None:
-  """Validates a concrete hyperparameter; traced or array values pass through.
+def _per_output(per_leaf: Any) -> _KernelOutputs:
+  """A tree of per-leaf outputs as one tree per output."""
+  return _KernelOutputs._make(
+      jax.tree.map(operator.attrgetter(field), per_leaf,
+                   is_leaf=lambda x: isinstance(x, _KernelOutputs))
+      for field in _KernelOutputs._fields)
 
-  ``optax.inject_hyperparams`` hands the factory arrays (possibly traced), which
-  must stay traceable, so only Python and NumPy scalars are checked here.
+
+class _Reads(NamedTuple):
+  """How the kernel's later lines read the ``v`` and ``z`` it stores."""
+
+  v: Callable[[jax.Array], jax.Array]
+  z: Callable[[jax.Array], jax.Array]
+
+
+def ftml_kernel(weight: jax.Array, grad: jax.Array, v: jax.Array,
+                z: jax.Array, d: jax.Array, s: _StepScalars,
+                stored: _Reads) -> _KernelOutputs:
+  """MXNet's ``FTMLKernel`` on one parameter: its lines, order and names.
+
+  ``weight``, ``grad`` and ``z`` are in the arithmetic's dtype, ``v`` and
+  ``d`` (``d_{t-1}``) in its real counterpart. As in MXNet, ``d_t`` is
+  computed from the stored ``v`` and the weight from the stored ``z``:
+  ``stored`` gives them (rounded to the state's dtype, or as
+  :func:`_in_place_loops` reads them). Beyond MXNet's kernel: the gradient
+  limit, the overflow guard, and ``d_t = 0`` (a zero learning rate, or
+  ``eps = 0`` with only zero gradients so far) taken as a step of 0 with
+  ``z = 0``, which keeps ``z + d_t w = 0``.
   """
-  if isinstance(value, (bool, str, bytes)) or value is None:
-    raise TypeError(f"ftml: {name} must be a real number, got {value!r}.")
-  if not _is_concrete_real(value):
-    if not hasattr(value, "dtype"):
-      raise TypeError(
-          f"ftml: {name} must be a real number or a scalar array, got"
-          f" {type(value).__name__}.")
-    return
-  value = float(value)
-  upper_ok = value < high if high_open else value <= high
-  if not (low <= value and upper_ok):
-    bracket = ")" if high_open else "]"
-    raise ValueError(
-        f"ftml: {name} must be in [{low}, {high}{bracket}, got {value!r}.")
+  cast = functools.partial(jnp.asarray, dtype=weight.dtype)  # real -> complex
+  grad_i = _limited(grad)
+  v = stored.v(s.beta2 * v
+               + s.one_minus_beta2 * jnp.real(grad_i * jnp.conj(grad_i)))
+  d_t = s.d_scale * (jnp.sqrt(_bias_corrected(v, s)) + s.eps)
+  z = stored.z(_zero_where(d_t == 0, (
+      cast(s.beta1) * z + cast(s.one_minus_beta1) * grad_i)
+      - cast(d_t - s.beta1 * d) * weight))
+  weight_step = _zero_where(d_t == 0, -z / cast(d_t) - weight)
+  return _KernelOutputs(weight_step, v, z, d_t)
 
 
-def _check_beta(name: str, value: Any) -> None:
-  _check_hyperparameter(name, value, 0.0, 1.0, high_open=True)
-  # The bias correction 1 - beta**t is computed in (at least) float32: a beta
-  # that rounds to 1 there makes it 0 and every step divides by zero.
-  if _is_concrete_real(value) and float(np.float32(value)) == 1.0:
-    raise ValueError(
-        f"ftml: {name}={value!r} rounds to 1.0 in float32, which makes the"
-        f" bias correction 1 - {name}**t zero; use {name} <= {1 - 2**-24}.")
+def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
+                    z: jax.Array, d_prev: jax.Array, now: _StepScalars,
+                    never: jax.Array, precision: _dtypes.Precision,
+                    reads_old_v: bool) -> _KernelOutputs:
+  """The kernel's outputs, arranged so that XLA:CPU updates each in place.
+
+  XLA:CPU computes each output array of the jitted step in a loop of its own
+  and, with the parameters and the state donated, writes it over its input
+  array. A temporary array (``d_t``, which three outputs use) or a copy (of
+  an input overwritten before another loop read it) would cost whole passes
+  over memory, which is what FTML's step time is made of. So each output is
+  its own evaluation of the kernel (XLA drops what it does not use) that
+  reads stored arrays only and recomputes ``d_t`` from them (a square root
+  costs less than a temporary's two passes), in this order:
+
+  1. ``v`` reads the old ``v`` and the gradient;
+  2. ``z`` reads the weights, the gradient, the new ``v``, the old ``z`` and
+     ``d_prev``. When ``d_prev`` is recomputed from the old ``v``
+     (``reads_old_v``), ``z`` reads the old ``v`` instead (recomputing the new
+     one) and comes first, so that ``v`` is overwritten after it;
+  3. ``d_prev`` (only the default state stores it) reads the new ``v`` and
+     overwrites ``d_prev``, which loop 2 read;
+  4. the weights read the new ``v`` and ``z`` and overwrite the weights,
+     which loop 2 read.
+
+  XLA orders loops by data dependence only, and resolves any other
+  write-after-read order with a copy: a loop that must follow the ``z`` loop
+  without reading its result reads it through ``after``'s select, whose
+  condition ``never`` is false (it costs no memory traffic: the condition
+  does not depend on the element). Distinct inputs also keep XLA from
+  merging the loops' ``d_t`` computations into one, which it would
+  materialize: the weights' loop computes it with scalars (``apart``) that
+  pass such a select. ``tests/test_compiled_structure.py`` checks the
+  compiled step: one loop per output array and no copies, in every dtype.
+  """
+  stored = _Reads(v=precision.stored_v, z=precision.stored_z)
+
+  def after(loop_output, x):
+    """``x``, read once ``loop_output`` is written."""
+    return jax.lax.select(never, jnp.real(loop_output).astype(x.dtype), x)
+
+  if reads_old_v:
+    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, stored).z
+    new_v = ftml_kernel(weight, grad, after(new_z, v), z, d_prev, now,
+                        stored).v
+  else:
+    new_v = ftml_kernel(weight, grad, v, z, d_prev, now, stored).v
+    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
+        v=lambda _: new_v, z=stored.z)).z
+  new_d = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
+      v=lambda _: after(new_z, new_v), z=stored.z)).d
+  apart = now._replace(inv_bias2=jax.lax.select(
+      never, jnp.zeros_like(now.inv_bias2), now.inv_bias2))
+  weight_step = ftml_kernel(weight, grad, v, z, d_prev, apart, _Reads(
+      v=lambda _: new_v, z=lambda _: new_z)).weight_step
+  return _KernelOutputs(weight_step, new_v, new_z, new_d)
 
 
-def _check_learning_rate(value: Any) -> None:
-  if callable(value):
-    return
-  _check_hyperparameter("learning_rate", value, 0.0, float("inf"),
-                        high_open=True)
-  if _is_concrete_real(value) and float(value) == 0.0:
-    raise ValueError(
-        "ftml: a constant learning_rate must be > 0 (FTML's step divides by"
-        " it); got 0. A schedule may reach 0: such a step leaves the"
-        " parameters unchanged.")
+def _recomputed_d_prev(weight: jax.Array, grad: jax.Array, v: jax.Array,
+                       z: jax.Array, before: _StepScalars,
+                       precision: _dtypes.Precision) -> jax.Array:
+  """``d_{t-1}`` as the previous step computed it from the ``v`` it stored
+  (``before``: that step's scalars), rounded as the default state stores it.
+  """
+  d_t = ftml_kernel(weight, grad, v, z, jnp.zeros_like(v), before, _Reads(
+      v=lambda _: v, z=precision.stored_z)).d
+  return precision.stored_v(d_t)
 
 
-def _promote(*dtypes: Any) -> jnp.dtype:
-  """The standard JAX promotion of ``dtypes``, whatever the promotion mode."""
-  with jax.numpy_dtype_promotion("standard"):
-    return jnp.result_type(*dtypes)
+@functools.partial(jax.jit, static_argnames="precision")
+def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
+               d_prev: jax.Array | _StepScalars, now: _StepScalars,
+               never: jax.Array, precision: _dtypes.Precision
+               ) -> _KernelOutputs:
+  """One parameter's step, in its storage dtypes; ``d_prev`` is the stored
+  array, or the previous step's scalars to recompute it with.
 
-
-def _real_dtype(dtype: Any) -> jnp.dtype:
-  """The real counterpart of ``dtype`` (float32 for complex64)."""
-  return jnp.finfo(dtype).dtype
-
-
-def _compute_dtype(param_dtype: Any, z_dtype: Any) -> jnp.dtype:
-  """The per-element arithmetic's dtype: the widest of both, at least float32."""
-  return _promote(param_dtype, z_dtype, jnp.float32)
-
-
-def _buffer_dtypes(param_dtype: Any, state_dtype: Any) -> tuple[Any, Any]:
-  """Storage dtypes of ``z`` and of the real buffers ``v`` and ``d_prev``."""
-  if state_dtype is None:
-    if param_dtype == jnp.float16:
-      # FTML's state leaves float16's range: (1 - b2) g**2 is subnormal for
-      # |g| < 0.25 and 0 below 5e-3, d ~ |g| / lr overflows beyond 6.5e4.
-      return jnp.dtype(jnp.float32), jnp.dtype(jnp.float32)
-    return param_dtype, _real_dtype(param_dtype)
-  if jnp.issubdtype(param_dtype, jnp.complexfloating):
-    return _promote(state_dtype, jnp.complex64), state_dtype
-  return state_dtype, state_dtype
-
-
-def _check_params_dtypes(params: optax.Params) -> None:
-  def check(path, leaf):
-    if not jnp.issubdtype(leaf.dtype, jnp.inexact):
-      raise TypeError(
-          f"ftml: parameter {jax.tree_util.keystr(path)} has dtype"
-          f" {leaf.dtype}; FTML needs floating or complex parameters (exclude"
-          " integer leaves with optax.masked or optax.multi_transform).")
-  jax.tree_util.tree_map_with_path(check, params)
+  Jitted so that parameters of one shape and dtype share one trace: a model's
+  step then traces in about the time of its distinct shapes (XLA inlines the
+  calls; the compiled step is the same).
+  """
+  p = precision
+  weight, grad, v, z = (param.astype(p.compute), grad.astype(p.compute),
+                        v.astype(p.real), z.astype(p.compute))
+  recompute = isinstance(d_prev, _StepScalars)
+  d_prev = (_recomputed_d_prev(weight, grad, v, z, d_prev, p)
+            if isinstance(d_prev, _StepScalars) else d_prev.astype(p.real))
+  new = _in_place_loops(weight, grad, v, z, d_prev, now, never, p,
+                        reads_old_v=recompute)
+  return _KernelOutputs(new.weight_step.astype(param.dtype),
+                        new.v.astype(p.stored.v), new.z.astype(p.stored.z),
+                        new.d.astype(p.stored.v))
 
 
 def ftml(
@@ -263,10 +347,14 @@ def ftml(
     ``z = d_prev = 0`` (``v`` and ``count`` advance as usual); the next steps
     are those that vanishing learning rates would give. Likewise, with
     ``eps = 0`` an element whose gradients have all been zero has
-    :math:`d_t = 0` and a 0/0 step, taken as 0. Finite gradients beyond
-    ``sqrt(max * (1 - b2)) / 2`` (2.9e17 in float32 for ``b2 = 0.999``),
-    whose square would overflow, are limited to that bound. No step produces
-    a NaN from finite inputs; NaN and infinite gradients propagate.
+    :math:`d_t = 0` and a 0/0 step, taken as 0. Finite gradients whose
+    square overflows (beyond 1.8e19 in float32, 1.3e154 in float64), where
+    MXNet's weights become NaN, are limited to the largest whose square is
+    finite; below that, MXNet's numbers are kept, state included (where
+    rounding makes :math:`v_t / (1 - \beta_2^t)` overflow from a finite
+    :math:`v_t`, as MXNet's does, it is taken as the largest finite number).
+    No step produces a NaN from finite inputs; NaN and infinite gradients
+    propagate.
   * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
     float64 for float64 parameters), and the per-element arithmetic runs in
     at least float32, so bfloat16 and float16 parameters neither lose the
@@ -330,150 +418,64 @@ def ftml(
 
     Apache MXNet, ``mxnet.optimizer.FTML`` (kernel ``ftml_update``).
   """
-  _check_learning_rate(learning_rate)
-  _check_beta("b1", b1)
-  _check_beta("b2", b2)
-  _check_hyperparameter("eps", eps, 0.0, float("inf"), high_open=True)
-  if state_dtype is not None:
-    state_dtype = jax.dtypes.canonicalize_dtype(state_dtype)
-    if not jnp.issubdtype(state_dtype, jnp.floating):
-      raise TypeError(
-          f"ftml: state_dtype must be a real floating dtype, got {state_dtype}.")
-  if not isinstance(recompute_d_prev, bool):
-    raise TypeError(
-        f"ftml: recompute_d_prev must be a bool, got {recompute_d_prev!r}.")
+  _validation.check_arguments(learning_rate, b1, b2, eps, state_dtype,
+                              recompute_d_prev)
+  state_dtype = _dtypes.canonical_state_dtype(state_dtype)
+
+  def storage(param: jax.Array) -> _dtypes.StorageDtypes:
+    return _dtypes.StorageDtypes.of(param.dtype, state_dtype)
 
   def init_fn(params: optax.Params) -> FTMLState | FTMLLeanState:
-    _check_params_dtypes(params)
-
-    def zeros(dtype_index: int):
-      return jax.tree.map(
-          lambda p: jnp.zeros_like(
-              p, dtype=_buffer_dtypes(p.dtype, state_dtype)[dtype_index]),
-          params)
+    _validation.check_params(params)
 
     # Separate zeros trees: buffers must not alias so that donating the state
     # to a jitted step can reuse each of them in place.
+    def zeros(dtype: Callable[[_dtypes.StorageDtypes], Any]) -> optax.Updates:
+      return jax.tree.map(
+          lambda p: jnp.zeros_like(p, dtype=dtype(storage(p))), params)
+
     count = jnp.zeros([], jnp.int32)
+    v, z = zeros(lambda s: s.v), zeros(lambda s: s.z)
     if recompute_d_prev:
       # The learning rate is kept in the widest dtype the update computes in.
-      reals = (_real_dtype(_compute_dtype(p.dtype, _buffer_dtypes(
-          p.dtype, state_dtype)[0])) for p in jax.tree.leaves(params))
-      return FTMLLeanState(count=count, v=zeros(1), z=zeros(0),
-                           prev_learning_rate=jnp.zeros([], _promote(
-                               jnp.float32, *reals)))
-    return FTMLState(count=count, v=zeros(1), z=zeros(0), d_prev=zeros(1))
+      real = _dtypes.widest_real([_dtypes.Precision.of(p.dtype, storage(p))
+                                  for p in jax.tree.leaves(params)])
+      return FTMLLeanState(count, v, z, jnp.zeros([], real))
+    return FTMLState(count, v, z, d_prev=zeros(lambda s: s.v))
 
-  def update_fn(updates: optax.Updates, state: FTMLState | FTMLLeanState,
-                params: optax.Params | None = None,
-                **extra_args: Any
-                ) -> tuple[optax.Updates, FTMLState | FTMLLeanState]:
+  def update_fn(updates: optax.Updates, state: optax.OptState,
+                params: optax.Params | None = None, **extra_args: Any
+                ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
-    if params is None:
-      raise ValueError(
-          "ftml: update needs the current parameters: call"
-          " update(grads, state, params). FTML's step depends on the weights.")
-    treedef = jax.tree.structure(params)
-    shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
-    # Mismatches would otherwise broadcast silently (e.g. a state restored
-    # for other parameters), so they are refused while tracing.
-    buffers = (state.v, state.z) if recompute_d_prev else (
-        state.v, state.z, state.d_prev)
-    for name, tree in (("gradients", updates),
-                       *(("state", buffer) for buffer in buffers)):
-      if jax.tree.structure(tree) != treedef:
-        raise ValueError(
-            f"ftml: the {name} tree does not match the parameters tree:"
-            f" {jax.tree.structure(tree)} vs {treedef}.")
-      if [jnp.shape(x) for x in jax.tree.leaves(tree)] != shapes:
-        raise ValueError(
-            f"ftml: the {name} leaf shapes do not match the parameters' shapes:"
-            f" {[jnp.shape(x) for x in jax.tree.leaves(tree)]} vs {shapes}.")
+    state = cast(FTMLState | FTMLLeanState, state)
+    stored_d_prev = () if isinstance(state, FTMLLeanState) else (state.d_prev,)
+    _validation.check_update(params, updates,
+                             (state.v, state.z, *stored_d_prev))
 
-    count_inc = optax.safe_increment(state.count)
+    # The step's scalars, once per real dtype; the lean state's d_prev is
+    # recomputed with the previous step's.
+    count = jnp.asarray(optax.safe_increment(state.count))
+    never = count < 0
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-    grads, weights, vs, zs = (treedef.flatten_up_to(tree) for tree in (
-        updates, params, state.v, state.z))
-    computes = [_compute_dtype(w.dtype, z.dtype)
-                for w, z in zip(weights, zs, strict=True)]
-    reals = [_real_dtype(compute) for compute in computes]
-    now_by_dtype = {real: _Coefficients.at(count_inc, lr, b1, b2, eps, real)
-                    for real in set(reals)}
-    now = [now_by_dtype[real] for real in reals]
-    # As in MXNet's kernel, d_t is computed from the stored v_t and the
-    # weights from the stored z_t (d_t itself stays in the computation dtype
-    # within the step). With a lower-precision state this lets each loop
-    # below read stored arrays only, never a wider intermediate.
-    if recompute_d_prev:
-      # The same operations on the same values as when d_{t-1} was computed
-      # from v_{t-1}, rounded as the default state stores it: the same d_prev.
-      # 0 before the first step.
-      before = {real: _Coefficients.at(state.count, state.prev_learning_rate,
-                                       b1, b2, eps, real)
-                for real in set(reals)}
-      d_prevs = [before[real].diagonal(v.astype(real)).astype(v.dtype)
-                 .astype(real) for v, real in zip(vs, reals, strict=True)]
-    else:
-      stored_d_prevs = treedef.flatten_up_to(state.d_prev)
-      d_prevs = [d.astype(real)
-                 for d, real in zip(stored_d_prevs, reals, strict=True)]
+    now = functools.cache(
+        lambda real: _StepScalars.at(count, lr, b1, b2, eps, real))
+    before = None
+    if isinstance(state, FTMLLeanState):
+      lean = state
+      before = functools.cache(lambda real: _StepScalars.at(
+          lean.count, lean.prev_learning_rate, b1, b2, eps, real))
 
-    # XLA:CPU computes each output array in a loop of its own. These loops
-    # read only inputs and outputs, never a temporary: d_t is recomputed from
-    # v in every loop that needs it (a d_t temporary would cost two passes
-    # over memory; the square root is free next to them).
-    grads = [_bounded(g.astype(compute), c.grad_bound)
-             for g, compute, c in zip(grads, computes, now, strict=True)]
-    v_outs, z_outs = [], []
-    for g, w, v, z, d_prev, compute, c in zip(grads, weights, vs, zs, d_prevs,
-                                              computes, now, strict=True):
-      v_outs.append(c.second_moment(v.astype(c.real), g).astype(v.dtype))
-      d_t = c.diagonal(v_outs[-1].astype(c.real))
-      z_new = (c.beta1.astype(compute) * z.astype(compute)
-               + c.one_minus_beta1.astype(compute) * g) - (
-                   d_t - c.beta1 * d_prev).astype(compute) * w.astype(compute)
-      # d_t = 0 also arises with eps = 0 where v = 0 (only zero gradients so
-      # far): the step -(1 - b1) g / d_t is then 0/0, taken as 0. Either way
-      # the weight stays and z = 0 keeps z + d_t w = 0.
-      z_outs.append(_zero_where(d_t == 0, z_new).astype(z.dtype))
+    def update_leaf(param, grad, v, z, *stored_d_prev):
+      p = _dtypes.Precision.of(param.dtype,
+                               _dtypes.StorageDtypes(z=z.dtype, v=v.dtype))
+      d_prev = stored_d_prev[0] if before is None else before(p.real)
+      return _leaf_step(param, grad, v, z, d_prev, now(p.real), never, p)
 
-    # With donation an array is updated in place, so it must be written after
-    # every loop that reads its old value; XLA copies it unless a data
-    # dependence shows that order. The loops below therefore read the new z
-    # through a select that is never taken (and costs no memory traffic: its
-    # condition does not depend on the element). Never-taken selects also
-    # keep XLA from merging the loops' d_t computations into one, which it
-    # would materialize (an expensive operation used by several loops).
-    never = count_inc < 0
-    def unmerged(x, other):
-      return jax.lax.select(never, other, x)
-
-    # The weights' loop computes d_t from scalars of its own.
-    apart = {real: c._replace(inv_bias2=unmerged(c.inv_bias2, jnp.zeros_like(
-        c.inv_bias2))) for real, c in now_by_dtype.items()}
-    steps, d_outs = [], []
-    for i, (w, v, z_out, compute, c) in enumerate(
-        zip(weights, vs, z_outs, computes, now, strict=True)):
-      after_z = jnp.real(z_out).astype(c.real)
-      if recompute_d_prev:
-        # The z loop read the old v (for d_{t-1}): write the new v after it.
-        v_outs[i] = c.second_moment(unmerged(v.astype(c.real), after_z),
-                                    grads[i]).astype(v.dtype)
-      v_t = v_outs[i].astype(c.real)
-      if not recompute_d_prev:
-        d_outs.append(c.diagonal(unmerged(v_t, after_z)).astype(v.dtype))
-      d_t = apart[c.real].diagonal(v_t)
-      steps.append(_zero_where(
-          d_t == 0,
-          -z_out.astype(compute) / d_t.astype(compute) - w.astype(compute)
-      ).astype(w.dtype))
-
-    step, v, z = (treedef.unflatten(x) for x in (steps, v_outs, z_outs))
-    if recompute_d_prev:
-      return step, FTMLLeanState(
-          count=count_inc, v=v, z=z, prev_learning_rate=jnp.asarray(
-              lr, state.prev_learning_rate.dtype))
-    d_prev = treedef.unflatten(d_outs)
-    return step, FTMLState(count=count_inc, v=v, z=z, d_prev=d_prev)
+    new = _per_output(jax.tree.map(update_leaf, params, updates, state.v,
+                                   state.z, *stored_d_prev))
+    if isinstance(state, FTMLLeanState):
+      return new.weight_step, FTMLLeanState(count, new.v, new.z, jnp.asarray(
+          lr, state.prev_learning_rate.dtype))
+    return new.weight_step, FTMLState(count, new.v, new.z, new.d)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
