@@ -379,6 +379,7 @@ def test_mxnet_to_flax_layout():
 GUIDE = FIXTURES.parent.parent / "docs" / "guides" / "resuming_mxnet_run.md"
 
 
+@pytest.mark.extras  # the guide's Flax NNX example
 def test_guide_python_blocks(monkeypatch, capsys):
   """The guide's blocks run in order, in the Module fixture's directory (its
   Module example reads those files), and print what their comments say."""
