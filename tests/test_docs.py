@@ -16,7 +16,7 @@ ROOT = pathlib.Path(__file__).parent.parent
 DOCS = ROOT / "docs"
 # The README and every Markdown page of the documentation site.
 PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
-# Pages whose blocks are one session (each uses the names the previous ones
+# Pages whose blocks form one program (each uses the names the previous ones
 # defined): tests/test_mxnet_resume.py runs them in order.
 SESSIONS = {DOCS / "guides" / "resuming_mxnet_run.md"}
 PYTHON_BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
