@@ -140,9 +140,15 @@ def _bias_corrected(v: jax.Array, s: _StepScalars) -> jax.Array:
   gradient bound the result can round above the largest finite number (by
   the rounding of ``1 - b2**t``: up to 3e-5 relative for b2 = 0.999 in
   float32), where MXNet's weights become NaN.
+
+  Two comparisons and a select, rather than ``jnp.minimum``/``jnp.maximum``,
+  whose NaN handling costs five vector instructions per ``d_t`` (a tenth of
+  the bfloat16 step): the results are the same.
   """
-  return jnp.minimum(v * s.inv_bias2,
-                     jnp.maximum(v, jnp.finfo(v.dtype).max))
+  corrected = v * s.inv_bias2
+  overflowed = (corrected == jnp.inf) & (v < jnp.inf)
+  return jax.lax.select(overflowed, jnp.full_like(v, jnp.finfo(v.dtype).max),
+                        corrected)
 
 
 def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
