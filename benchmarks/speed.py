@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import pathlib
 import platform
 import re
@@ -224,9 +225,10 @@ def loop_reads(compiled_text: str) -> list[int]:
 
 
 def streaming_times(size: int, max_reads: int, repetitions: int
-                    ) -> dict[int, float]:
-  """Median seconds of a loop that reads ``k`` float32 arrays of ``size`` and
-  writes one of them in place, for k = 1 .. max_reads (interleaved)."""
+                    ) -> dict[int, list[float]]:
+  """Seconds of a loop that reads ``k`` float32 arrays of ``size`` and writes
+  one of them in place, for k = 1 .. max_reads, in each of the rounds (the
+  loops run interleaved)."""
   arrays = [jnp.full((size,), 1.0 + i / 8, jnp.float32)
             for i in range(max_reads)]
 
@@ -242,7 +244,7 @@ def streaming_times(size: int, max_reads: int, repetitions: int
       outputs[k] = loop(outputs[k], *arrays[1:k])
       outputs[k].block_until_ready()
       times[k].append(time.perf_counter() - start)
-  return {k: statistics.median(t) for k, t in times.items()}
+  return times
 
 
 def streaming_floor(size: int, measured: dict, repetitions: int) -> dict:
@@ -258,14 +260,19 @@ def streaming_floor(size: int, measured: dict, repetitions: int) -> dict:
     structure[name] = loop_reads(text)
   per_loop = streaming_times(
       size, max(max(r) for r in structure.values()), repetitions)
-  floors = {name: sum(per_loop[k] for k in reads)
+  # Per round, like the step ratios: a change of load affects a round alike.
+  floors = {name: [sum(rounds) for rounds in zip(
+      *(per_loop[k] for k in reads), strict=True)]
             for name, reads in structure.items()}
   return {"size": size,
-          "loop_s_by_arrays_read": {str(k): t for k, t in per_loop.items()},
+          "loop_s_by_arrays_read": {str(k): statistics.median(t)
+                                    for k, t in per_loop.items()},
           "optimizers": {name: {
               "arrays_read_per_loop": structure[name],
-              "floor_s": floors[name],
-              "floor_ratio": floors[name] / floors["adam"],
+              "floor_s": statistics.median(floors[name]),
+              "floor_ratio": statistics.median(
+                  x / a for x, a in zip(floors[name], floors["adam"],
+                                        strict=True)),
               "measured_ratio": measured[name]["ratio_donated"],
           } for name in OPTIMIZERS}}
 
@@ -305,8 +312,9 @@ def benchmark(quick: bool) -> dict:
     results[model] = row
     print(f"done: {model}", flush=True)
   large = list(results.values())[1]
+  # The streaming loops are short: more rounds for the same time.
   floor = streaming_floor(large["parameters"], large["optimizers"],
-                          repetitions)
+                          5 * repetitions)
   return results, floor
 
 
@@ -334,7 +342,9 @@ def floor_markdown(floor: dict) -> str:
                     floor["loop_s_by_arrays_read"].items())
   lines = [
       f"Streaming floor, one float32 leaf of {floor['size']:,} parameters."
-      f" A loop reading k arrays and writing one in place takes ({loops}).",
+      f" A loop reading k arrays and writing one in place takes ({loops});"
+      " each floor is the sum of its loops' times, its ratio the median over"
+      " rounds of that sum divided by Adam's.",
       "",
       "| optimizer | arrays read by each loop | floor | floor ratio |"
       " measured ratio |",
@@ -347,6 +357,18 @@ def floor_markdown(floor: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
+def cpu_model() -> str:
+  """The processor's name (ratios to Adam depend on it), where Linux says."""
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -355,13 +377,15 @@ def main(argv=None) -> None:
                       help="directory for speed.json and speed.md")
   args = parser.parse_args(argv)
   results, floor = benchmark(args.quick)
-  table = markdown(results) + "\n" + floor_markdown(floor)
-  args.out.mkdir(parents=True, exist_ok=True)
   environment = {
       "jax": jax.__version__, "optax": optax.__version__,
       "backend": jax.default_backend(), "devices": str(jax.devices()[0]),
-      "cpu": platform.processor() or platform.machine(),
-      "cpu_count": __import__("os").cpu_count(), "quick": args.quick}
+      "cpu": cpu_model(), "cpu_count": os.cpu_count(), "quick": args.quick}
+  table = (f"JAX {environment['jax']}, Optax {environment['optax']};"
+           f" {environment['devices']}: {environment['cpu']},"
+           f" {environment['cpu_count']} cores.\n\n"
+           + markdown(results) + "\n" + floor_markdown(floor))
+  args.out.mkdir(parents=True, exist_ok=True)
   (args.out / "speed.json").write_text(json.dumps(
       {"environment": environment, "results": results,
        "streaming_floor": floor}, indent=2) + "\n")

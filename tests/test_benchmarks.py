@@ -26,6 +26,9 @@ def test_speed_benchmark_writes_its_table_and_numbers(tmp_path):
   # steps; an array that only orders FTML's in-place updates is not read.
   floor = output["streaming_floor"]["optimizers"]
   assert "Streaming floor" in table
+  # The machine is part of the result: ratios to Adam depend on it.
+  environment = output["environment"]
+  assert environment["cpu"] and environment["cpu"] in table.splitlines()[0]
   assert floor["adam"]["arrays_read_per_loop"] == [2, 2, 3]
   assert sorted(floor["ftml"]["arrays_read_per_loop"]) == [1, 2, 3, 5]
   assert sorted(floor["ftml (recompute_d_prev)"]["arrays_read_per_loop"]) == [
