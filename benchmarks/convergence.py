@@ -41,6 +41,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import jaxlib
+import machine  # benchmarks/machine.py, beside this script
 import numpy as np
 import optax
 
@@ -319,7 +320,7 @@ def benchmark(quick: bool):
   return results, seeds
 
 
-def markdown(results, seeds, versions) -> str:
+def markdown(results, seeds, versions, on) -> str:
   lines = [f"Mean ± standard deviation over {len(seeds)} seeds, at the learning"
            " rate (from each optimizer's grid of half-decades, extended where"
            " the best rate was at an end) with the best mean validation"
@@ -327,7 +328,7 @@ def markdown(results, seeds, versions) -> str:
            " grid.",
            "",
            "Versions: " + ", ".join(f"{k} {v}" for k, v in versions.items())
-           + ".",
+           + f"; {on['cpu']}, {on['cpu_count']} cores.",
            "",
            "| task | optimizer | learning rate | final train loss | test loss"
            " | test accuracy |",
@@ -379,12 +380,12 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   results, seeds = benchmark(args.quick)
   args.out.mkdir(parents=True, exist_ok=True)
-  versions = package_versions()
-  table = markdown(results, seeds, versions)
+  versions, on = package_versions(), machine.description()
+  table = markdown(results, seeds, versions, on)
   (args.out / "convergence.md").write_text(table)
   (args.out / "convergence.json").write_text(json.dumps(
       {"quick": args.quick, "seeds": seeds, "versions": versions,
-       "results": results}) + "\n")
+       "machine": on, "results": results}) + "\n")
   plot(results, args.out)
   print(table)
 

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import pathlib
-import platform
 import re
 import statistics
 import time
@@ -32,6 +30,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import machine  # benchmarks/machine.py, beside this script
 import optax
 
 import optax_ftml
@@ -357,18 +356,6 @@ def floor_markdown(floor: dict) -> str:
   return "\n".join(lines) + "\n"
 
 
-def cpu_model() -> str:
-  """The processor's name (ratios to Adam depend on it), where Linux says."""
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
@@ -380,7 +367,7 @@ def main(argv=None) -> None:
   environment = {
       "jax": jax.__version__, "optax": optax.__version__,
       "backend": jax.default_backend(), "devices": str(jax.devices()[0]),
-      "cpu": cpu_model(), "cpu_count": os.cpu_count(), "quick": args.quick}
+      **machine.description(), "quick": args.quick}
   table = (f"JAX {environment['jax']}, Optax {environment['optax']};"
            f" {environment['devices']}: {environment['cpu']},"
            f" {environment['cpu_count']} cores.\n\n"

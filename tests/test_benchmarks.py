@@ -61,6 +61,7 @@ def test_convergence_benchmark_writes_its_table_numbers_and_plots(tmp_path):
       "python", "jax", "jaxlib", "optax", "numpy", "optax_ftml"}
   assert all(f"{name} {version}" in table
              for name, version in output["versions"].items())
+  assert output["machine"]["cpu"] and output["machine"]["cpu"] in table
   assert len(results) == 3
   for task, row in results.items():
     assert task in table
