@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ftml import _validation
 from optax_ftml._ftml import ftml
 
 
@@ -122,8 +123,10 @@ def mxnet_ftml(
   if clip_gradient is not None:
     clip_gradient = _real("clip_gradient", clip_gradient, -float("inf"))
 
-  # Validates the caller's values, so that errors quote them unrounded.
-  ftml(learning_rate, beta1, beta2, epsilon)
+  # The caller's values, so that errors quote them unrounded.
+  _validation.check_hyperparameters(
+      learning_rate, beta1, beta2, epsilon, caller="mxnet_ftml",
+      names=("beta1", "beta2", "epsilon"))
 
   def group(lr_multiplier: float,
             wd_multiplier: float) -> optax.GradientTransformationExtraArgs:

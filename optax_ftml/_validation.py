@@ -22,18 +22,18 @@ def _is_concrete_real(value: Any) -> bool:
 
 
 def _check_hyperparameter(name: str, value: Any, low: float, high: float,
-                          high_open: bool) -> None:
+                          high_open: bool, caller: str = "ftml") -> None:
   """Validates a concrete hyperparameter; traced or array values pass through.
 
   ``optax.inject_hyperparams`` hands the factory arrays (possibly traced), which
   must stay traceable, so only Python and NumPy scalars are checked here.
   """
   if isinstance(value, (bool, str, bytes)) or value is None:
-    raise TypeError(f"ftml: {name} must be a real number, got {value!r}.")
+    raise TypeError(f"{caller}: {name} must be a real number, got {value!r}.")
   if not _is_concrete_real(value):
     if not hasattr(value, "dtype"):
       raise TypeError(
-          f"ftml: {name} must be a real number or a scalar array, got"
+          f"{caller}: {name} must be a real number or a scalar array, got"
           f" {type(value).__name__}.")
     return
   value = float(value)
@@ -41,16 +41,17 @@ def _check_hyperparameter(name: str, value: Any, low: float, high: float,
   if not (low <= value and upper_ok):
     bracket = ")" if high_open else "]"
     raise ValueError(
-        f"ftml: {name} must be in [{low}, {high}{bracket}, got {value!r}.")
+        f"{caller}: {name} must be in [{low}, {high}{bracket}, got"
+        f" {value!r}.")
 
 
-def _check_beta(name: str, value: Any) -> None:
-  _check_hyperparameter(name, value, 0.0, 1.0, high_open=True)
+def _check_beta(name: str, value: Any, caller: str) -> None:
+  _check_hyperparameter(name, value, 0.0, 1.0, high_open=True, caller=caller)
   # The bias correction 1 - beta**t is computed in (at least) float32: a beta
   # that rounds to 1 there makes it 0 and every step divides by zero.
   if _is_concrete_real(value) and float(np.float32(value)) == 1.0:
     raise ValueError(
-        f"ftml: {name}={value!r} rounds to 1.0 in float32, which makes the"
+        f"{caller}: {name}={value!r} rounds to 1.0 in float32, which makes the"
         f" bias correction 1 - {name}**t zero; use {name} <= {1 - 2**-24}.")
   # optax.inject_hyperparams stores hyperparameters in the parameters' dtype
   # unless told otherwise: 0.999 is 1.0 in bfloat16, and the step 0/0.
@@ -58,32 +59,42 @@ def _check_beta(name: str, value: Any) -> None:
   if (dtype is not None and jnp.issubdtype(dtype, jnp.floating)
       and jnp.finfo(dtype).bits < 32):
     raise TypeError(
-        f"ftml: {name} arrives as a {jnp.dtype(dtype).name} array, which"
+        f"{caller}: {name} arrives as a {jnp.dtype(dtype).name} array, which"
         f" cannot hold it (b2 = 0.999 is 1.0 in bfloat16, and the bias"
         f" correction 1 - {name}**t then divides by zero); this is what"
         " optax.inject_hyperparams does for half-precision parameters: pass"
         " it hyperparam_dtype=jnp.float32.")
 
 
-def _check_learning_rate(value: Any) -> None:
+def _check_learning_rate(value: Any, caller: str) -> None:
   if callable(value):
     return
   _check_hyperparameter("learning_rate", value, 0.0, float("inf"),
-                        high_open=True)
+                        high_open=True, caller=caller)
   if _is_concrete_real(value) and float(value) == 0.0:
     raise ValueError(
-        "ftml: a constant learning_rate must be > 0 (FTML's step divides by"
+        f"{caller}: a constant learning_rate must be > 0 (FTML's step divides by"
         " it); got 0. A schedule may reach 0: such a step leaves the"
         " parameters unchanged.")
+
+
+def check_hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, *,
+                          caller: str = "ftml",
+                          names: tuple[str, str, str] = ("b1", "b2", "eps")
+                          ) -> None:
+  """The checks of FTML's hyperparameters, with the names ``caller`` gives
+  ``b1``, ``b2`` and ``eps``."""
+  _check_learning_rate(learning_rate, caller)
+  _check_beta(names[0], b1, caller)
+  _check_beta(names[1], b2, caller)
+  _check_hyperparameter(names[2], eps, 0.0, float("inf"), high_open=True,
+                        caller=caller)
 
 
 def check_arguments(learning_rate: Any, b1: Any, b2: Any, eps: Any,
                     state_dtype: Any, recompute_d_prev: Any) -> None:
   """The checks of :func:`ftml`'s arguments, when the optimizer is built."""
-  _check_learning_rate(learning_rate)
-  _check_beta("b1", b1)
-  _check_beta("b2", b2)
-  _check_hyperparameter("eps", eps, 0.0, float("inf"), high_open=True)
+  check_hyperparameters(learning_rate, b1, b2, eps)
   if state_dtype is not None and not jnp.issubdtype(
       jax.dtypes.canonicalize_dtype(state_dtype), jnp.floating):
     raise TypeError(

@@ -128,8 +128,12 @@ def test_falsy_or_negative_clip_disables_clipping(problem, disabled):
     (dict(clip_gradient="5"), TypeError, "clip_gradient"),
     (dict(lr_mult={"w": -1.0}), ValueError, "lr_mult must be >= 0"),
     (dict(wd_mult={"w": "x"}), TypeError, "wd_mult"),
-    (dict(beta1=1.2), ValueError, "b1 must be in"),
-    (dict(learning_rate=0.0), ValueError, "learning_rate"),
+    (dict(beta1=1.2), ValueError, "mxnet_ftml: beta1 must be in"),
+    (dict(beta2=1 - 1e-9), ValueError, "mxnet_ftml: beta2=.* rounds to 1.0"),
+    (dict(epsilon=-1e-8), ValueError, "mxnet_ftml: epsilon must be in"),
+    (dict(epsilon="1e-8"), TypeError, "mxnet_ftml: epsilon must be a real"),
+    (dict(learning_rate=0.0), ValueError, "mxnet_ftml: a constant learning_rate"),
+    (dict(learning_rate=-1.0), ValueError, "mxnet_ftml: learning_rate must be"),
 ])
 def test_bad_arguments(kwargs, error, match):
   with pytest.raises(error, match=match):
