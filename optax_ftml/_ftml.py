@@ -168,7 +168,12 @@ class _KernelOutputs(NamedTuple):
 
 
 def _per_output(per_leaf: Any) -> _KernelOutputs:
-  """A tree of per-leaf outputs as one tree per output."""
+  """A tree of per-leaf outputs as one tree per output.
+
+  Not ``jax.tree.transpose``: it needs a leaf to infer from, and
+  ``optax.masked`` hands over a tree without any where it excludes every
+  parameter.
+  """
   return _KernelOutputs._make(
       jax.tree.map(operator.attrgetter(field), per_leaf,
                    is_leaf=lambda x: isinstance(x, _KernelOutputs))

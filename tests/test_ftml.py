@@ -265,6 +265,20 @@ def test_masked_and_multi_transform():
   chex.assert_trees_all_equal(multi["b"], np.broadcast_to(params["b"], (100, 1)))
 
 
+@pytest.mark.parametrize("recompute_d_prev", [False, True])
+def test_masked_out_everywhere(recompute_d_prev):
+  """A mask that excludes every parameter hands FTML a tree without leaves:
+  the updates pass through unchanged, under jit, step after step."""
+  params = {"w": jnp.ones(3), "b": jnp.zeros(2)}
+  opt = optax.masked(ftml(0.01, recompute_d_prev=recompute_d_prev),
+                     {"w": False, "b": False})
+  state, update = opt.init(params), jax.jit(opt.update)
+  for grads in ({"w": jnp.full(3, 2.0), "b": jnp.ones(2)},
+                {"w": -jnp.ones(3), "b": jnp.full(2, 3.0)}):
+    updates, state = update(grads, state, params)
+    chex.assert_trees_all_equal(updates, grads)
+
+
 def test_chain_with_clipping_and_weight_decay():
   """clip_by_global_norm -> add_decayed_weights -> ftml over 100 steps: the
   MXNet kernel given the clipped gradients and the weight decay."""
