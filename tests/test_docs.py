@@ -1,7 +1,9 @@
 """The documentation: its examples run, and the site builds without a warning."""
 
+import contextlib
 import doctest
 import importlib
+import io
 import pathlib
 import re
 import subprocess
@@ -75,3 +77,17 @@ def test_site_builds_without_warnings(tmp_path):
     assert (tmp_path / "html" / "notebooks" / f"{notebook}.html").exists()
   # Pictures referenced from outside docs/ are copied into the site.
   assert (tmp_path / "html" / "_images" / "convergence_1.png").exists()
+
+
+def test_readme_quick_example_converges():
+  # The Quick example prints its final loss; the README shows that output.
+  readme = (ROOT / "README.md").read_text()
+  block = next(b for b in PYTHON_BLOCK.findall(readme) if "final loss" in b)
+  printed = io.StringIO()
+  with (contextlib.redirect_stdout(printed),
+        jax.numpy_dtype_promotion("standard")):
+    exec(compile(block, "README.md-quick", "exec"), {"__name__": "__main__"})
+  (value,) = re.findall(r"^final loss (\S+)$", printed.getvalue(), re.M)
+  assert float(value) < 1e-8, printed.getvalue()
+  (shown,) = re.findall(r"^```text\nfinal loss (\S+)\n```", readme, re.M)
+  assert float(shown) < 1e-8
