@@ -337,12 +337,14 @@ def _replace_ftml_buffers(state: Any, count: int, buffers: Mapping[str, Any]
   """``state`` (from ``init``) with every FTMLState's count and buffers set.
 
   Inside ``optax.multi_transform`` each group's buffers are masked trees: the
-  other groups' leaves are ``optax.MaskedNode``; they stay so.
+  other groups' leaves are ``optax.MaskedNode``; they stay so. Each buffer is
+  placed with the sharding ``init`` gave it (a sharded model's state stays
+  sharded like its parameters).
   """
   def fill(masked, full):
     return jax.tree.map(
-        lambda m, f: m if isinstance(m, optax.MaskedNode) else jnp.asarray(
-            f, m.dtype), masked, full,
+        lambda m, f: m if isinstance(m, optax.MaskedNode) else jax.device_put(
+            np.asarray(f, m.dtype), m.sharding), masked, full,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
   def replace(s):
@@ -477,6 +479,13 @@ def resume_mxnet_ftml(
       raise ValueError(
           f"resume_mxnet_ftml: num_update must be an integer >= 1, got"
           f" {num_update!r}.")
+    if overrides.get("wd", 0) != 0 and "wd_mult" not in overrides:
+      raise ValueError(
+          "resume_mxnet_ftml: the Module API gives parameters whose names end"
+          " neither in _weight nor in _gamma (biases, ...) wd_mult 0, and this"
+          " file does not name the parameters: with wd, pass"
+          " hyperparameters={..., 'wd_mult': module_wd_mult(names)} (or the"
+          " multipliers the run used).")
     file_values, count = {"mxnet_version": 1}, num_update
   else:
     if num_update is not None:
@@ -502,7 +511,11 @@ def resume_mxnet_ftml(
             f"resume_mxnet_ftml: the state of index {index} has shape"
             f" {np.shape(converted)} for leaf {name!r} of shape"
             f" {np.shape(leaf)}" + ("" if layout else "; pass layout=... to"
-                                    " convert MXNet's layout") + ".")
+                                    " convert MXNet's layout")
+            + ("" if indices else "; the leaves took the file's indices in"
+               " increasing order: if the trainer numbered them otherwise"
+               " (the Module API: the symbol's order), pass indices={leaf"
+               " name: trainer index}") + ".")
       buffers[key].append(converted)
 
   optimizer = mxnet_ftml(**arguments)

@@ -250,9 +250,52 @@ def test_module_run_continues_as_in_mxnet():
 
 def test_module_run_needs_the_module_wd_mult_rule():
   _, record, names, _, hyperparameters = module_setup()
-  del hyperparameters["wd_mult"]
+  wrong = {**hyperparameters, "wd_mult": {n: 1.0 for n in names}}
   with pytest.raises(AssertionError):
-    check_run(module_run(hyperparameters), record, names)
+    check_run(module_run(wrong), record, names)
+  del hyperparameters["wd_mult"]
+  with pytest.raises(ValueError, match=r"module_wd_mult"):
+    module_run(hyperparameters)
+  # Without weight decay the multipliers do not matter.
+  list(module_run({**hyperparameters, "wd": 0.0}))
+
+
+def test_module_wrong_default_order_points_to_indices():
+  """A dict of Module names flattens sorted (fc1_bias first), the file numbers
+  them in the symbol's order (fc1_weight first): the shapes disagree."""
+  network, _, _, params, hyperparameters = module_setup()
+  with pytest.raises(ValueError, match=r"pass indices="):
+    resume_mxnet_ftml(MODULE / "module-0001.states", params,
+                      hyperparameters=hyperparameters,
+                      num_update=network["steps_before"])
+
+
+def test_resumed_state_is_sharded_like_init():
+  mesh = jax.make_mesh((8,), ("x",))
+  network, _, _, params, hyperparameters = module_setup()
+  sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  params = jax.device_put(params, sharding)
+  optimizer, state = resume_mxnet_ftml(
+      MODULE / "module-0001.states", params,
+      indices={n: i for i, n in enumerate(network["param_names"])},
+      hyperparameters=hyperparameters, num_update=network["steps_before"])
+  fresh = optimizer.init(params)
+  for resumed, initial in zip(jax.tree.leaves(state), jax.tree.leaves(fresh),
+                              strict=True):
+    assert resumed.sharding == initial.sharding
+  # Sharded over the 8 devices along the first axis where it divides.
+  split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
+  wide = {"w": jax.device_put(jnp.zeros((8, 3), jnp.float32), split)}
+  saved = MXNetTrainerStates({0: tuple(np.ones((8, 3), np.float32)
+                                       for _ in range(3))}, None)
+  optimizer, state = resume_mxnet_ftml(
+      saved, wide, hyperparameters={"learning_rate": 0.1, "rescale_grad": 1.0},
+      num_update=1)
+  buffers = [x for x in jax.tree.leaves(state) if x.ndim == 2]
+  assert len(buffers) == 3
+  for buffer in buffers:
+    assert buffer.sharding.is_equivalent_to(wide["w"].sharding, 2)
+    assert len(buffer.sharding.device_set) == 8
 
 
 def test_module_files_need_hyperparameters_and_step_count():
