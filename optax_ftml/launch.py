@@ -71,7 +71,7 @@ def run(command: Sequence[str], *, processes: int, cpu_devices: int = 1,
     raise ValueError(f"processes must be at least 1, got {processes}")
   if cpu_devices < 1:
     raise ValueError(f"cpu_devices must be at least 1, got {cpu_devices}")
-  output = sys.stdout if output is None else output
+  sink = sys.stdout if output is None else output
   environment = dict(
       os.environ, JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{free_port()}",
       JAX_NUM_PROCESSES=str(processes), JAX_NUM_CPU_DEVICES=str(cpu_devices),
@@ -86,7 +86,7 @@ def run(command: Sequence[str], *, processes: int, cpu_devices: int = 1,
           stderr=subprocess.STDOUT, text=True, start_new_session=True)
       started.append(process)
       copier = threading.Thread(
-          target=_copy_lines, args=(process.stdout, f"[{process_id}] ", output),
+          target=_copy_lines, args=(process.stdout, f"[{process_id}] ", sink),
           daemon=True)
       copier.start()
       copiers.append(copier)
@@ -97,7 +97,7 @@ def run(command: Sequence[str], *, processes: int, cpu_devices: int = 1,
       if all(p.returncode == 0 for p in started):
         return 0
       if deadline is not None and time.monotonic() > deadline:
-        output.write(f"launch: stopped after {timeout} s\n")
+        sink.write(f"launch: stopped after {timeout} s\n")
         return TIMED_OUT
       time.sleep(0.05)
   finally:

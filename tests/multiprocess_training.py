@@ -66,10 +66,10 @@ def initial_params():
           "b2": np.zeros(1, np.float32)}
 
 
-def global_batch(step, BATCH_SIZE):
+def global_batch(step):
   """The whole batch of a step: every process can compute it, none stores it."""
   rng = np.random.default_rng(1000 + step)
-  x = rng.normal(size=(batch_size, FEATURES)).astype(np.float32)
+  x = rng.normal(size=(BATCH_SIZE, FEATURES)).astype(np.float32)
   return x, np.sin(x.sum(axis=1, keepdims=True))
 
 
@@ -164,7 +164,7 @@ def train(name, base, arguments, out, checkpoints):
       checkpointer.wait_until_finished()
       out["saved"].update(flat(gather(state), name))
     x, y = (jax.make_array_from_process_local_data(batch_sharding, part[rows])
-            for part in global_batch(step, BATCH_SIZE))
+            for part in global_batch(step))
     params, opt_state, loss = train_step(params, opt_state, x, y)
     # Simulated CPU devices: queued steps can deadlock XLA:CPU's collectives
     # when the devices outnumber the cores; wait for each step.
