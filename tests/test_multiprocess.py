@@ -1,0 +1,159 @@
+"""FTML on JAX's multi-process runtime: local processes joined into one mesh.
+
+Every scenario runs tests/multiprocess_training.py with optax_ftml.launch (2
+processes x 2 CPU devices, 1 x 4, 4 x 1, 1 x 2) and compares what process 0
+wrote. Cross-process collectives may sum in another order than one process's,
+so training is compared to float32 rounding; FTML's update alone has no
+reduction and is compared bitwise, and so is a resumed run with the run it
+continues (same processes, same reductions).
+"""
+
+import dataclasses
+import io
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import optax_ftml
+from optax_ftml import launch
+
+pytestmark = pytest.mark.extras  # Orbax
+
+WORKER = pathlib.Path(__file__).parent / "multiprocess_training.py"
+SAVE_AT = 6
+TIMEOUT = 120  # per launch; the whole test takes well under a minute idle
+# Float32 rounding of a different summation order, grown over 12 steps.
+RTOL, ATOL = 1e-5, 1e-7
+
+
+@dataclasses.dataclass(frozen=True)
+class Scenario:
+  processes: int
+  cpu_devices: int
+  resume: str | None = None  # the scenario whose checkpoint it continues
+
+
+SCENARIOS = {
+    "2x2": Scenario(2, 2),
+    "1x4": Scenario(1, 4),
+    "2x2 resumed": Scenario(2, 2, resume="2x2"),
+    "4x1 resumed": Scenario(4, 1, resume="2x2"),
+    "1x2 resumed": Scenario(1, 2, resume="2x2"),
+}
+
+
+def run_scenarios(tmp_path, monkeypatch):
+  # The worker imports this optax_ftml, installed or in the source tree.
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(pathlib.Path(optax_ftml.__file__).parent.parent),
+       os.environ.get("PYTHONPATH", "")]))
+  results = {}
+  for name, scenario in SCENARIOS.items():
+    out = tmp_path / name.replace(" ", "_")
+    out.mkdir()
+    arguments = ["--out", str(out), "--checkpoints", str(out / "checkpoint"),
+                 "--save-at", str(SAVE_AT)]
+    if scenario.resume:
+      arguments += ["--resume", str(results[scenario.resume]["checkpoint"])]
+    log = io.StringIO()
+    status = launch.run([sys.executable, str(WORKER), *arguments],
+                        processes=scenario.processes,
+                        cpu_devices=scenario.cpu_devices, timeout=TIMEOUT,
+                        output=log)
+    assert status == 0, (name, log.getvalue()[-5000:])
+    results[name] = {path.stem: dict(np.load(path))
+                     for path in out.glob("*.npz")}
+    results[name]["checkpoint"] = out / "checkpoint"
+  return results
+
+
+def max_differences(actual, expected):
+  assert sorted(actual) == sorted(expected)
+  return {key: float(np.max(np.abs(actual[key].astype(np.float64)
+                                   - expected[key]), initial=0))
+          for key in expected}
+
+
+def assert_equal(actual, expected):
+  for key in expected:
+    np.testing.assert_array_equal(actual[key], expected[key], err_msg=key)
+
+
+def assert_close(actual, expected):
+  for key in expected:
+    np.testing.assert_allclose(actual[key], expected[key], rtol=RTOL,
+                               atol=ATOL, err_msg=key)
+
+
+def test_processes_train_save_and_resume_like_one_process(tmp_path,
+                                                          monkeypatch):
+  start = time.monotonic()
+  runs = run_scenarios(tmp_path, monkeypatch)
+  print(f"{len(SCENARIOS)} launches in {time.monotonic() - start:.0f} s")
+  two, one = runs["2x2"], runs["1x4"]
+  for quantity in ("losses", "final", "saved"):
+    differences = max_differences(two[quantity], one[quantity])
+    print(quantity, "2x2 vs 1x4: max difference", max(differences.values()))
+    assert_close(two[quantity], one[quantity])
+  # The optimizer alone: no reduction, the same bits on any layout.
+  assert_equal(two["update_alone"], one["update_alone"])
+
+  # Fresh processes restore every process's save exactly, onto the same or
+  # another process count and mesh shape, each leaf with the target's sharding
+  # (the worker checks); on the same layout, the continued run is the
+  # uninterrupted one to the bit.
+  for name in ("2x2 resumed", "4x1 resumed", "1x2 resumed"):
+    assert_equal(runs[name]["restored"], two["saved"])
+  resumed = runs["2x2 resumed"]
+  assert_equal(resumed["final"], two["final"])
+  for key, losses in two["losses"].items():
+    np.testing.assert_array_equal(resumed["losses"][key], losses[SAVE_AT:])
+  # Continued on other layouts: the same run to float32 rounding.
+  for name in ("4x1 resumed", "1x2 resumed"):
+    assert_close(runs[name]["final"], two["final"])
+    for key, losses in two["losses"].items():
+      np.testing.assert_allclose(runs[name]["losses"][key], losses[SAVE_AT:],
+                                 rtol=RTOL)
+
+
+def test_launch_stops_every_process_when_one_fails(tmp_path):
+  script = tmp_path / "fails.py"
+  script.write_text(
+      "import os, sys, time\n"
+      "if os.environ['JAX_PROCESS_ID'] == '1': sys.exit(3)\n"
+      "time.sleep(600)\n")
+  start = time.monotonic()
+  status = launch.run([sys.executable, str(script)], processes=2, timeout=60,
+                      output=io.StringIO())
+  assert status == 3
+  assert time.monotonic() - start < 30
+
+
+def test_launch_timeout_stops_the_processes_and_their_children(tmp_path):
+  pid_file = tmp_path / "child.pid"
+  script = tmp_path / "hangs.py"
+  script.write_text(
+      "import subprocess, sys, time\n"
+      "child = subprocess.Popen([sys.executable, '-c',"
+      " 'import time; time.sleep(600)'])\n"
+      f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+      "time.sleep(600)\n")
+  status = launch.run([sys.executable, str(script)], processes=1, timeout=5,
+                      output=io.StringIO())
+  assert status == launch.TIMED_OUT
+  # Killed with its group: gone, or a zombie waiting for init to reap it.
+  stat = pathlib.Path(f"/proc/{int(pid_file.read_text())}/stat")
+  deadline = time.monotonic() + 10
+  while stat.exists() and stat.read_text().split(")")[-1].split()[0] != "Z":
+    assert time.monotonic() < deadline, "the child still runs"
+    time.sleep(0.1)
+
+
+@pytest.mark.parametrize("argument", ["processes", "cpu_devices"])
+def test_launch_rejects_fewer_than_one(argument):
+  with pytest.raises(ValueError, match=argument):
+    launch.run([sys.executable, "-c", "pass"], **{"processes": 1, argument: 0})
