@@ -13,23 +13,27 @@ Two formats, both written by MXNet 1.x (and 2.x):
   state, NDArrays pickled as ``{'handle': <one array in the per-array
   format>}``.
 
-Pickles can run arbitrary code when loaded, so trainer-state files are read
-with an allow-list: MXNet's NDArray, optimizer and learning-rate scheduler
-classes become inert records of their attributes; any other global (a
-function, a class from elsewhere) is refused before anything runs.
+Pickles can run arbitrary code when loaded, so trainer-state files are not
+unpickled: their opcodes are executed by the project's own reader
+(``_mxnet_pickle``), which knows only what MXNet writes, calls nothing from the
+file and costs at most a constant times the file's size.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
+import math
 import os
-import pickle
 import struct
 from typing import Any
 
 import ml_dtypes
 import numpy as np
+
+from optax_ftml._mxnet_pickle import OPTIMIZER_MODULES
+from optax_ftml._mxnet_pickle import MXNetFileError
+from optax_ftml._mxnet_pickle import MXNetObject
+from optax_ftml._mxnet_pickle import load_mxnet_pickle
 
 _LIST_MAGIC = 0x112
 # NDArray::Save writes V2 for MXNet's classic shapes and V3 under NumPy shape
@@ -38,6 +42,9 @@ _ARRAY_MAGIC_V2 = 0xF993FAC9
 _ARRAY_MAGIC_V3 = 0xF993FACA
 _ARRAY_MAGIC_V1 = 0xF993FAC8
 _DEFAULT_STORAGE = 0
+# NumPy's limit; MXNet's own is lower.
+_MAX_NDIM = 64
+_MAX_ELEMENTS = 2**63 // 16  # any dtype's bytes fit NumPy's int64 sizes
 _STORAGE_NAMES = {1: "row_sparse", 2: "csr"}
 # mshadow's type flags (include/mshadow/base.h).
 _DTYPES = {
@@ -47,23 +54,6 @@ _DTYPES = {
     9: np.dtype(np.uint16), 10: np.dtype(np.uint32), 11: np.dtype(np.uint64),
     12: np.dtype(ml_dtypes.bfloat16),
 }
-
-# MXNet 1.9's optimizers (mxnet/optimizer/optimizer.py) and schedulers
-# (mxnet/lr_scheduler.py); MXNet 2.x keeps FTML in mxnet/optimizer/ftml.py.
-_OPTIMIZER_CLASSES = frozenset({
-    "Optimizer", "SGD", "Signum", "FTML", "LARS", "LBSGD", "LAMB", "DCASGD",
-    "NAG", "SGLD", "ccSGD", "Adam", "AdaGrad", "RMSProp", "AdaDelta", "Ftrl",
-    "Adamax", "Nadam"})
-_OPTIMIZER_MODULES = ("mxnet.optimizer.optimizer", "mxnet.optimizer.ftml")
-_SCHEDULER_CLASSES = frozenset({
-    "LRScheduler", "FactorScheduler", "MultiFactorScheduler", "PolyScheduler",
-    "CosineScheduler"})
-
-
-class MXNetFileError(ValueError):
-  """An MXNet file that cannot be read: corrupted, truncated, unsupported or
-  (for pickles) referring to something outside the allow-list."""
-
 
 class _Bytes:
   """Reads little-endian values from ``data``; running past the end raises."""
@@ -99,12 +89,16 @@ def _read_shape(reader: _Bytes, what: str) -> tuple[int, ...] | None:
   ndim = reader.unpack("i", f"{what} ndim")
   if ndim == -1:
     return None
-  if ndim < 0 or 8 * ndim > reader.remaining:
+  if not 0 <= ndim <= _MAX_NDIM or 8 * ndim > reader.remaining:
     raise reader.error(f"corrupted: {what} has ndim {ndim}.")
   dims = reader.unpack(f"{ndim}q", f"{what} dims") if ndim else ()
   dims = (dims,) if isinstance(dims, int) else tuple(dims)
   if any(d < 0 for d in dims):
     raise reader.error(f"corrupted: {what} has dims {dims}.")
+  # NumPy refuses shapes whose non-zero dims multiply past its index type,
+  # even for empty arrays.
+  if math.prod(d for d in dims if d) >= _MAX_ELEMENTS:
+    raise reader.error(f"corrupted: {what} has dims {dims}, too many elements.")
   return dims
 
 
@@ -136,7 +130,8 @@ def _read_array(reader: _Bytes, index: int) -> np.ndarray:
   if type_flag not in _DTYPES:
     raise reader.error(f"{what} has unsupported dtype flag {type_flag}.")
   dtype = _DTYPES[type_flag]
-  size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+  # Python integers: a product of int64 dims must not wrap around.
+  size = math.prod(shape) * dtype.itemsize
   data = reader.take(size, f"{what} data ({shape}, {dtype})")
   return np.frombuffer(data, dtype).reshape(shape).copy()
 
@@ -223,120 +218,14 @@ def read_mxnet_params(
   return dict(zip(names, arrays, strict=True)) if names else arrays
 
 
-class MXNetObject:
-  """An inert record of a pickled MXNet object (an optimizer or a learning-rate
-  scheduler): its class and attributes, nothing executable.
-
-  Attributes:
-    mxnet_class: the pickled class, e.g. ``"mxnet.optimizer.optimizer.FTML"``.
-    attributes: the object's pickled ``__dict__``: plain Python values, NumPy
-      arrays and nested :class:`MXNetObject` records.
-  """
-
-  mxnet_class: str = ""
-
-  def __init__(self, *args: Any):
-    del args  # pickle may call the class with arguments; they mean nothing here
-    self.attributes: dict[str, Any] = {}
-
-  def __setstate__(self, state: Any) -> None:
-    if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
-      raise MXNetFileError(
-          f"corrupted: the pickled {self.mxnet_class} has state"
-          f" {type(state).__name__}, expected a dict of attributes.")
-    self.attributes = dict(state)
-
-  @property
-  def class_name(self) -> str:
-    """The class name without its module, e.g. ``"FTML"``."""
-    return self.mxnet_class.rpartition(".")[2]
-
-  def __repr__(self) -> str:
-    return f"MXNetObject({self.mxnet_class}, {self.attributes!r})"
-
-
-class _NDArrayStandIn(MXNetObject):
-  """A pickled ``mxnet.ndarray.NDArray``: its raw bytes, decoded at once."""
-
-  mxnet_class = "mxnet.ndarray.ndarray.NDArray"
-
-  def __setstate__(self, state: Any) -> None:
-    super().__setstate__(state)
-    handle = self.attributes.get("handle")
-    if not isinstance(handle, (bytes, bytearray)):
-      raise MXNetFileError(
-          "corrupted: a pickled NDArray has no data (handle"
-          f" {type(handle).__name__}).")
-    self.array = _read_array_bytes(bytes(handle), "a pickled NDArray")
-
-
-def _bytearray(data: Any = b"") -> bytearray:
-  """``bytearray`` restricted to copying bytes (no size arguments)."""
-  if not isinstance(data, bytes):
-    raise MXNetFileError(
-        f"corrupted: bytearray of {type(data).__name__} in a pickle.")
-  return bytearray(data)
-
-
-_stand_ins: dict[str, type[MXNetObject]] = {}
-
-
-def _stand_in(module: str, name: str, base: type[MXNetObject]) -> type:
-  """The inert class standing for ``module.name`` (one per name, so that the
-  record knows what it was)."""
-  qualified = f"{module}.{name}"
-  if qualified not in _stand_ins:
-    _stand_ins[qualified] = type(name, (base,), {"mxnet_class": qualified})
-  return _stand_ins[qualified]
-
-
-class _AllowListUnpickler(pickle.Unpickler):
-  """Resolves only MXNet's NDArray, optimizer and scheduler classes, to inert
-  stand-ins, and ``bytearray``; refuses every other global."""
-
-  def find_class(self, module: str, name: str) -> Any:
-    if (module, name) == ("builtins", "bytearray"):
-      return _bytearray
-    if (module, name) == ("mxnet.ndarray.ndarray", "NDArray"):
-      return _NDArrayStandIn
-    if module in _OPTIMIZER_MODULES and name in _OPTIMIZER_CLASSES:
-      return _stand_in(module, name, MXNetObject)
-    if module == "mxnet.lr_scheduler" and name in _SCHEDULER_CLASSES:
-      return _stand_in(module, name, MXNetObject)
-    raise MXNetFileError(
-        f"refused to load {module}.{name}: MXNet trainer-state files hold only"
-        " NDArrays, MXNet optimizers and MXNet learning-rate schedulers, and"
-        " nothing else is loaded from them (a pickle can run arbitrary code)."
-        " A custom scheduler or optimizer class cannot be read.")
-
-  def persistent_load(self, pid: Any) -> Any:
-    raise MXNetFileError("refused to load a persistent id: not an MXNet file.")
-
-
-def _plain(value: Any) -> Any:
-  """``value`` with NDArray stand-ins replaced by their NumPy arrays."""
-  if isinstance(value, _NDArrayStandIn):
-    return value.array
-  if isinstance(value, MXNetObject):
-    value.attributes = {k: _plain(v) for k, v in value.attributes.items()}
-    return value
-  if isinstance(value, (list, tuple)):
-    return type(value)(_plain(v) for v in value)
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  return value
-
-
 def _safe_loads(data: bytes, source: str) -> Any:
-  """Unpickles with the allow-list; every failure is an ``MXNetFileError``."""
+  """The object an MXNet pickle holds, read by the project's own opcode reader
+  (see ``_mxnet_pickle``); every failure is an ``MXNetFileError``."""
   try:
-    return _plain(_AllowListUnpickler(io.BytesIO(data)).load())
+    return load_mxnet_pickle(
+        data, lambda handle: _read_array_bytes(handle, "a pickled NDArray"))
   except MXNetFileError as e:
     raise MXNetFileError(f"{source}: {e}") from None
-  except Exception as e:  # pickle raises many kinds of error
-    raise MXNetFileError(
-        f"{source}: truncated or corrupted pickle ({type(e).__name__}: {e})."
-    ) from e
 
 
 @dataclasses.dataclass(frozen=True)
@@ -363,10 +252,14 @@ def read_mxnet_trainer_states(
 
   Reads what Gluon's ``trainer.save_states`` (a pickle of ``(states,
   optimizer)``) and the Module API's ``save_optimizer_states`` (a pickle of
-  ``states``) write, with an allow-list unpickler: MXNet's NDArrays become
-  NumPy arrays, its optimizers and learning-rate schedulers inert
-  :class:`MXNetObject` records, and any other global in the pickle is refused
-  before anything is called.
+  ``states``) write, with a reader of its own that executes only the pickle
+  opcodes MXNet writes: MXNet's NDArrays become NumPy arrays, its optimizers
+  and learning-rate schedulers inert :class:`MXNetObject` records, and any
+  other global, any opcode MXNet never writes (extensions, persistent ids,
+  sets), any key but an integer or a string, nesting deeper than 32 and
+  shared references expanding beyond a few times the file's size are refused.
+  Nothing in the file is called, and time and memory stay within a constant
+  times the file's size.
 
   Args:
     file: a path, or the file's contents as bytes.
@@ -398,14 +291,15 @@ def read_mxnet_trainer_states(
   elif (isinstance(contents, tuple) and len(contents) == 2
         and isinstance(contents[0], dict)
         and isinstance(contents[1], MXNetObject)
-        and contents[1].mxnet_class.startswith(_OPTIMIZER_MODULES)):
+        and contents[1].mxnet_class.startswith(OPTIMIZER_MODULES)):
     states, optimizer = contents
   else:
     raise MXNetFileError(
         f"{source}: not an MXNet trainer-state file: expected a dict of states"
         f" or a (states, optimizer) pair, got {type(contents).__name__}.")
-  if not all(isinstance(k, int) and not isinstance(k, bool) for k in states):
+  wrong_keys = {type(k).__name__ for k in states if type(k) is not int}
+  if wrong_keys:
     raise MXNetFileError(
-        f"{source}: corrupted: state keys must be integer indices, got"
-        f" {sorted(map(repr, states))}.")
+        f"{source}: corrupted: state keys must be integer indices, got keys of"
+        f" type {', '.join(sorted(wrong_keys))}.")
   return MXNetTrainerStates(states=states, optimizer=optimizer)

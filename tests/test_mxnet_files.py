@@ -164,7 +164,7 @@ def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
     ("mxnet.ndarray.ndarray", "_new_alloc_handle"), ("__main__", "MyScheduler"),
 ])
 def test_globals_outside_the_allow_list_are_refused(module, name):
-  data = f"c{module}\n{name}\n(S'x'\ntR.".encode()
+  data = b"\x80\x04" + f"c{module}\n{name}\n)R.".encode()
   with pytest.raises(MXNetFileError, match=f"refused to load {module}.{name}"):
     read_mxnet_trainer_states(data)
 
@@ -172,11 +172,13 @@ def test_globals_outside_the_allow_list_are_refused(module, name):
 def test_allowed_constructors_cannot_allocate_or_call():
   # bytearray(10**12) would allocate a terabyte: only bytes are accepted.
   with pytest.raises(MXNetFileError, match="bytearray of int"):
-    read_mxnet_trainer_states(b"cbuiltins\nbytearray\n(I1000000000000\ntR.")
+    read_mxnet_trainer_states(
+        b"\x80\x04cbuiltins\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.")
   # An NDArray with no data is corrupt, not a call.
   with pytest.raises(MXNetFileError, match="NDArray has no data"):
     read_mxnet_trainer_states(
-        b"(dI0\ncmxnet.ndarray.ndarray\nNDArray\n(NtR(dS'handle'\nNsbs.")
+        b"\x80\x04}K\x00cmxnet.ndarray.ndarray\nNDArray\nN\x85R}\x8c\x06handle"
+        b"Nsbs.")
 
 
 def test_other_pickles_are_not_trainer_states():

@@ -370,8 +370,7 @@ def test_layout_mismatch_is_refused():
 
 def test_other_optimizers_and_unknown_hyperparameters_are_refused():
   saved = read_mxnet_trainer_states(GLUON / "trainer.states")
-  adam = type("Adam", (MXNetObject,),
-              {"mxnet_class": "mxnet.optimizer.optimizer.Adam"})()
+  adam = MXNetObject("mxnet.optimizer.optimizer.Adam")
   with pytest.raises(ValueError, match=r"optimizer\.Adam optimizer, not FTML"):
     resume_mxnet_ftml(MXNetTrainerStates(saved.states, adam), gluon_params())
   with pytest.raises(ValueError, match="unknown hyperparameters"):
@@ -398,8 +397,7 @@ def test_schedulers_give_mxnet_learning_rates(name):
 
 
 def test_unknown_scheduler_is_refused():
-  base = type("LRScheduler", (MXNetObject,),
-              {"mxnet_class": "mxnet.lr_scheduler.LRScheduler"})()
+  base = MXNetObject("mxnet.lr_scheduler.LRScheduler")
   with pytest.raises(ValueError, match=r"unsupported MXNet scheduler"
                      r" mxnet\.lr_scheduler\.LRScheduler"):
     mxnet_lr_schedule(base)
@@ -407,7 +405,7 @@ def test_unknown_scheduler_is_refused():
     mxnet_lr_schedule(lambda n: 0.1)  # pyright: ignore[reportArgumentType]
   # A pickled custom scheduler is refused when the file is read.
   with pytest.raises(optax_ftml.MXNetFileError, match=r"__main__\.WarmupCosine"):
-    read_mxnet_trainer_states(b"c__main__\nWarmupCosine\n(tR.")
+    read_mxnet_trainer_states(b"\x80\x04c__main__\nWarmupCosine\n)R.")
 
 
 def test_mxnet_to_flax_layout():

@@ -1,0 +1,291 @@
+"""Hostile MXNet files: named cases and a seeded fuzzer, fed to the readers
+under an address-space limit. tests/test_hostile_files.py runs it in a
+subprocess; the longer fuzz run is
+
+  python tests/hostile_files.py fuzz --seconds 3600 --seed 1
+
+Each input prints one JSON line: its name, size, outcome ("read", or the
+exception's class), message, seconds and (for named cases) the peak of
+Python's allocations. The process exits 1 if any outcome is neither a read nor
+an MXNetFileError.
+"""
+
+import argparse
+import copyreg
+import json
+import pathlib
+import pickle
+import pickletools
+import random
+import resource
+import struct
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+from optax_ftml import _mxnet_files
+from optax_ftml import _mxnet_pickle
+from optax_ftml import read_mxnet_params
+from optax_ftml import read_mxnet_trainer_states
+
+FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
+EXAMPLE = pathlib.Path(_mxnet_files.__file__).parent / "mxnet_example"
+# Headroom over what the process holds after its imports: a 4 GB allocation
+# fails as MemoryError instead of succeeding.
+ADDRESS_SPACE_HEADROOM = 1 << 30
+PROTO4 = b"\x80\x04"
+
+
+def limit_address_space():
+  status = pathlib.Path("/proc/self/status").read_text()
+  in_use = int(status.split("VmSize:")[1].split()[0]) * 1024
+  limit = in_use + ADDRESS_SPACE_HEADROOM
+  resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+  return limit
+
+
+def binget(index):
+  return b"j" + struct.pack("<I", index)
+
+
+def array_bytes(array):
+  """One array in NDArray::Save's format (the V2 magic, float32)."""
+  return (struct.pack("<IIi", 0xF993FAC9, 0, array.ndim)
+          + struct.pack(f"<{array.ndim}q", *array.shape)
+          + struct.pack("<iii", 1, 0, 0) + array.astype("<f4").tobytes())
+
+
+def params_file(shape, data=b""):
+  """A one-array .params file with the given dims and raw data."""
+  return (struct.pack("<QQQ", 0x112, 0, 1)
+          + struct.pack("<IIi", 0xF993FAC9, 0, len(shape))
+          + struct.pack(f"<{len(shape)}q", *shape) + struct.pack("<iii", 1, 0, 0)
+          + data + struct.pack("<Q", 0))
+
+
+def shared_lists(depth):
+  """L_i = [L_{i-1}, L_{i-1}] by memo reuse: 2**depth elements as a tree.
+  The outermost list is memoised first, so L_i's memo index is depth - i."""
+  def build(i):
+    if i == 0:
+      return b"]\x94"
+    return b"]\x94(" + build(i - 1) + binget(depth - i + 1) + b"e"
+  return PROTO4 + b"}K\x00" + build(depth) + b"s."
+
+
+def shared_tuple_key(depth):
+  """T_i = (T_{i-1}, T_{i-1}) as a dict key: hashing it is 2**depth work."""
+  def build(i):
+    if i == 0:
+      return b")\x94"
+    return build(i - 1) + binget(i - 1) + b"\x86\x94"
+  return PROTO4 + b"}" + build(depth) + b"K\x00s."
+
+
+def shared_records(depth):
+  """FTML records R_i with attributes a and b both R_{i-1}. The FTML class
+  is memo 0, the outermost record memo 1."""
+  def build(i):
+    cls = (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93\x94"
+           if i == depth else binget(0))
+    if i == 0:
+      return cls + b")\x81\x94}b"
+    return (cls + b")\x81\x94}(\x8c\x01a" + build(i - 1) + b"\x8c\x01b"
+            + binget(depth - i + 2) + b"ub")
+  return PROTO4 + b"}K\x00" + build(depth) + b"s."
+
+
+def blob_copies(copies, what):
+  """One 1 MiB array's bytes memoised once and used ``copies`` times, as the
+  argument of bytearray or as NDArrays' data."""
+  blob = array_bytes(np.zeros(1 << 18, np.float32))
+  definitions = (b"\x8c\x08builtins\x8c\tbytearray\x93\x94"
+                 + b"B" + struct.pack("<I", len(blob)) + blob + b"\x94")
+  copy = [definitions + b"\x85R", binget(0) + binget(1) + b"\x85R"]
+  if what == "ndarray":
+    ndarray = [b"\x8c\x15mxnet.ndarray.ndarray\x8c\x07NDArray\x93\x94",
+               binget(0)]
+    copy = [definitions + b"\x85R", binget(1) + binget(2) + b"\x85R"]
+    copy = [n + b"N\x85R}\x8c\x06handle" + c + b"sb"
+            for n, c in zip(ndarray, copy, strict=True)]
+  return (PROTO4 + b"}K\x00](" + copy[0] + copy[1] * (copies - 1)
+          + b"es.")
+
+
+def with_extension():
+  """EXT1 0xF0 once copyreg maps it to builtins.eval and pickle cached it."""
+  copyreg.add_extension("builtins", "eval", 0xF0)
+  try:
+    assert pickle.loads(b"\x80\x02\x82\xf0.") is eval
+  finally:
+    copyreg.remove_extension("builtins", "eval", 0xF0)
+    copyreg.add_extension("builtins", "eval", 0xF0)  # as a program would leave it
+  return PROTO4 + b"}K\x00\x82\xf0\x8c\x0fopen('x', 'w')\x85Rs."
+
+
+STATES = (FIXTURES / "gluon" / "trainer.states").read_bytes()
+
+# name -> (reader, bytes or a function making them, message expected).
+CASES = {
+    "deep tuple key": ("states", lambda: PROTO4 + b"})" + b"\x85" * 200_000
+                       + b"K\x00s.", "dict key of type tuple"),
+    "memo index 2**28": ("states", lambda: PROTO4 + b"}r\x00\x00\x00\x10.",
+                         "memo index 268435456 out of order"),
+    "memo index 2**27": ("states", lambda: PROTO4 + b"}r\x00\x00\x00\x08.",
+                         "memo index 134217728 out of order"),
+    "shared lists, depth 30": ("states", lambda: shared_lists(30),
+                               "expand to more than"),
+    "shared lists, depth 40": ("states", lambda: shared_lists(40),
+                               "nested deeper than 32"),
+    "shared tuple key, depth 40": ("states", lambda: shared_tuple_key(40),
+                                   "dict key of type tuple"),
+    "frozenset": ("states", lambda: PROTO4 + b"}K\x00(K\x01\x91s.",
+                  "opcode FROZENSET"),
+    "shared records, depth 60": ("states", lambda: shared_records(60),
+                                 "nested deeper than 32"),
+    "shared records, depth 14": ("states", lambda: shared_records(14),
+                                 "expand to more than"),
+    "one blob, 3000 NDArrays": ("states", lambda: blob_copies(3000, "ndarray"),
+                                "used more than once"),
+    "one blob, 3000 bytearrays": ("states", lambda: blob_copies(3000, "bytes"),
+                                  None),
+    "BUILD on bytearray": ("states", lambda: PROTO4 + b"cbuiltins\nbytearray\n"
+                           b"(N}(\x8c\x0c__defaults__C\x05PWNED\x85utb0}.",
+                           "BUILD on a _Global"),
+    "EXT1 of a cached eval": ("states", with_extension, "opcode EXT1"),
+    "persistent id": ("states", lambda: PROTO4 + b"}K\x00\x8c\x01xQs.",
+                      "opcode BINPERSID"),
+    "protocol 0": ("states", lambda: b"(dp0\nI0\nI1\ns.", "protocol 2 to 4"),
+    "bool state index": ("states", lambda: PROTO4 + b"}\x88K\x01s.",
+                         "dict key of type bool"),
+    "list containing itself": ("states", lambda: PROTO4 + b"}K\x00]\x94h\x00a"
+                               b"s.", "contains itself"),
+    "integer of 255 bytes": ("states", lambda: PROTO4 + b"}K\x00\x8a\xff"
+                             + b"\x01" * 255 + b"s.", "wider than 64 bits"),
+    "trailing bytes after STOP": ("states", lambda: STATES + b"\0",
+                                  "1 bytes after the pickle's end"),
+    "params dims (2**32, 2**32)": ("params", lambda: params_file((2**32, 2**32)),
+                                   "too many elements"),
+    "params dims (2**20, 2**20)": ("params", lambda: params_file((2**20, 2**20)),
+                                   "needs 4398046511104 bytes"),
+    "params dims (0, 2**62)": ("params", lambda: params_file((0, 2**62)),
+                               "too many elements"),
+    "params with 65 dims": ("params", lambda: params_file((1,) * 65, b"\0" * 4),
+                            "ndim 65"),
+}
+READERS = {"states": read_mxnet_trainer_states, "params": read_mxnet_params}
+
+
+def state_of_the_library():
+  """What a file must not change: the reader modules' functions' defaults
+  and attributes, and bytearray's behaviour."""
+  state = {}
+  for module in (_mxnet_files, _mxnet_pickle):
+    for name, value in vars(module).items():
+      if callable(value):
+        state[f"{module.__name__}.{name}"] = (
+            getattr(value, "__defaults__", None),
+            sorted(getattr(value, "__dict__", {}).keys()))
+  state["bytearray()"] = bytes(bytearray())
+  return state
+
+
+def run_one(name, reader, data, measure):
+  if measure:
+    tracemalloc.start()
+  start = time.perf_counter()
+  try:
+    READERS[reader](data)
+    outcome, message = "read", ""
+  except Exception as e:  # every other outcome is reported, then fails
+    outcome, message = type(e).__name__, str(e)[:300]
+  seconds = time.perf_counter() - start
+  peak = tracemalloc.get_traced_memory()[1] if measure else None
+  if measure:
+    tracemalloc.stop()
+  return {"name": name, "size": len(data), "outcome": outcome,
+          "message": message, "seconds": round(seconds, 4), "peak_bytes": peak}
+
+
+def run_cases():
+  before = state_of_the_library()
+  results = []
+  for name, (reader, make, _) in CASES.items():
+    results.append(run_one(name, reader, make(), measure=True))
+  changed = before != state_of_the_library()
+  return results, changed
+
+
+def fixtures():
+  files = sorted(FIXTURES.rglob("*.states")) + sorted(FIXTURES.rglob("*.pkl"))
+  files += [EXAMPLE / "trainer.states"]
+  params = [*sorted(FIXTURES.rglob("*.params")), EXAMPLE / "model.params"]
+  return ([("states", f.read_bytes()) for f in files]
+          + [("params", f.read_bytes()) for f in params])
+
+
+def opcode_boundaries(data):
+  try:
+    return [position for _, _, position in pickletools.genops(data)]
+  except ValueError:
+    return [0, len(data)]
+
+
+def mutate(rng, reader, data, others):
+  kind = rng.choice(["truncate", "flip", "splice", "insert"])
+  if kind == "truncate":
+    return kind, data[:rng.randrange(len(data))]
+  if kind == "flip":
+    mutated = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+      mutated[rng.randrange(len(mutated))] ^= rng.randint(1, 255)
+    return kind, bytes(mutated)
+  cuts = opcode_boundaries(data) if reader == "states" else [
+      rng.randrange(len(data)) for _ in range(8)]
+  at = rng.choice(cuts)
+  if kind == "insert":
+    return kind, data[:at] + bytes([rng.randrange(256)]) + rng.randbytes(
+        rng.randint(0, 8)) + data[at:]
+  donor = rng.choice(others)
+  donor_cuts = sorted(opcode_boundaries(donor) if reader == "states" else [
+      rng.randrange(len(donor)) for _ in range(8)])
+  i, j = sorted(rng.sample(donor_cuts, 2)) if len(donor_cuts) > 1 else (0, 0)
+  end = rng.choice(cuts)
+  return kind, data[:at] + donor[i:j] + data[max(at, end):]
+
+
+def run_fuzz(seed, seconds):
+  rng = random.Random(seed)
+  corpus = fixtures()
+  by_reader = {r: [d for k, d in corpus if k == r] for r in READERS}
+  deadline = time.monotonic() + seconds
+  results = []
+  while time.monotonic() < deadline:
+    reader, data = rng.choice(corpus)
+    kind, mutated = mutate(rng, reader, data, by_reader[reader])
+    results.append(run_one(kind, reader, mutated, measure=False))
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("mode", choices=["cases", "fuzz"])
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--seconds", type=float, default=20.0)
+  args = parser.parse_args()
+  limit = limit_address_space()
+  if args.mode == "cases":
+    results, changed = run_cases()
+  else:
+    results, changed = run_fuzz(args.seed, args.seconds), False
+  for result in results:
+    print(json.dumps(result))
+  print(json.dumps({"address_space_limit": limit, "library_changed": changed}))
+  bad = [r for r in results if r["outcome"] not in ("read", "MXNetFileError")]
+  sys.exit(1 if bad or changed else 0)
+
+
+if __name__ == "__main__":
+  main()
