@@ -3,16 +3,16 @@
 from optax_ftml._ftml import FTMLLeanState
 from optax_ftml._ftml import FTMLState
 from optax_ftml._ftml import ftml
+from optax_ftml._mxnet import module_wd_mult
 from optax_ftml._mxnet import mxnet_ftml
+from optax_ftml._mxnet import mxnet_to_flax_layout
 from optax_ftml._mxnet_files import MXNetFileError
 from optax_ftml._mxnet_files import MXNetObject
 from optax_ftml._mxnet_files import MXNetTrainerStates
 from optax_ftml._mxnet_files import read_mxnet_params
 from optax_ftml._mxnet_files import read_mxnet_trainer_states
-from optax_ftml._mxnet_resume import module_wd_mult
-from optax_ftml._mxnet_resume import mxnet_lr_schedule
-from optax_ftml._mxnet_resume import mxnet_to_flax_layout
 from optax_ftml._mxnet_resume import resume_mxnet_ftml
+from optax_ftml._mxnet_schedules import mxnet_lr_schedule
 
 __all__ = (
     "FTMLLeanState",

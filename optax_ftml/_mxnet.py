@@ -166,3 +166,64 @@ def mxnet_ftml(
       label(p): group(*p) for p in jax.tree.leaves(pairs, is_leaf=is_pair)}
   return optax.multi_transform(groups, jax.tree.map(label, pairs,
                                                     is_leaf=is_pair))
+
+
+def module_wd_mult(names: Any) -> Any:
+  """The weight-decay multipliers MXNet 1.x's Module API gives its parameters.
+
+  The Module API (``mx.mod.Module``) creates its optimizer with the symbol's
+  parameter names, and the optimizer then sets ``wd_mult = 0`` for every
+  parameter whose name ends neither in ``_weight`` nor in ``_gamma`` (biases,
+  BatchNorm's ``beta``, ...): those are not decayed. Gluon does not do this
+  (there every parameter has ``wd_mult = 1`` unless set). Pass the result to
+  :func:`mxnet_ftml`'s ``wd_mult`` (or :func:`resume_mxnet_ftml`'s) to train
+  as a Module did.
+
+  Args:
+    names: a pytree whose leaves are the MXNet parameter names (e.g.
+      ``"fc1_weight"``; a Module ``.params`` file's ``"arg:fc1_weight"`` works
+      too), with the structure of the parameters.
+
+  Returns:
+    The same structure with ``1.0`` for names ending in ``_weight`` or
+    ``_gamma`` and ``0.0`` for the others.
+
+  Raises:
+    TypeError: if a leaf is not a string.
+
+  Examples:
+    >>> module_wd_mult({"w": "fc1_weight", "b": "fc1_bias"})
+    {'b': 0.0, 'w': 1.0}
+  """
+  def multiplier(name):
+    if not isinstance(name, str):
+      raise TypeError(
+          f"module_wd_mult: names must be strings, got {type(name).__name__}.")
+    return 1.0 if name.endswith(("_weight", "_gamma")) else 0.0
+  return jax.tree.map(multiplier, names)
+
+
+def mxnet_to_flax_layout(name: str, array: np.ndarray) -> np.ndarray:
+  """An MXNet weight (or its FTML state) in Flax's layout.
+
+  Dense weights ``(out, in)`` become Flax's ``(in, out)`` kernels, convolution
+  weights ``(out, in, *window)`` Flax's ``(*window, in, out)``; other arrays
+  (biases, BatchNorm's scale and bias) are unchanged. FTML's state is
+  elementwise, so ``d``, ``v`` and ``z`` are converted exactly as their weight.
+
+  Args:
+    name: the parameter's name (unused: the layout follows from the rank).
+    array: the array in MXNet's layout.
+
+  Returns:
+    The array in Flax's layout.
+
+  Examples:
+    >>> import numpy as np
+    >>> mxnet_to_flax_layout("0.weight", np.zeros((8, 1, 3, 3))).shape
+    (3, 3, 1, 8)
+  """
+  del name
+  if array.ndim < 2:
+    return array
+  return np.transpose(array, (*range(2, array.ndim), 1, 0))

@@ -22,6 +22,7 @@ more than ``_ELEMENTS_PER_OPCODE`` times the opcodes' elements.
 
 from __future__ import annotations
 
+import math
 import pickletools
 from collections.abc import Callable
 from typing import Any
@@ -50,6 +51,8 @@ _ELEMENTS_PER_OPCODE = 4
 _DERIVED_BYTES_PER_FILE_BYTE = 2
 # LONG1 integers MXNet writes are counts: 8 bytes hold any of them.
 _MAX_LONG_BYTES = 8
+_MAX_COUNT = 2**31  # MXNet's update counts and indices are int32
+_MISSING = object()
 
 
 class MXNetFileError(ValueError):
@@ -78,6 +81,66 @@ class MXNetObject:
 
   def __repr__(self) -> str:
     return f"MXNetObject({self.mxnet_class}, {self.attributes!r})"
+
+
+def _describe(value: Any) -> str:
+  """``value`` for an error message, in bounded length."""
+  if type(value) is int and value.bit_length() > 64:
+    return f"an integer of {value.bit_length()} bits"
+  if type(value) in (int, float, bool) or value is None:
+    return repr(value)
+  if isinstance(value, str):
+    return repr(value[:40]) + ("..." if len(value) > 40 else "")
+  return f"a {type(value).__name__}"
+
+
+class RecordFields:
+  """Reads a pickled record's attributes, each checked against the range
+  MXNet's constructors enforce; a failure names the attribute."""
+
+  def __init__(self, record: MXNetObject):
+    self.name = record.class_name
+    self.attributes = record.attributes
+
+  def error(self, key: str, value: Any, expected: str) -> MXNetFileError:
+    return MXNetFileError(
+        f"the pickled {self.name}'s {key} is {_describe(value)}; MXNet's"
+        f" {self.name} has {expected}.")
+
+  def get(self, key: str) -> Any:
+    if key not in self.attributes:
+      raise MXNetFileError(
+          f"the pickled {self.name} lacks the attribute {key!r}; it was not"
+          " written by MXNet.")
+    return self.attributes[key]
+
+  def real(self, key: str, low: float = -math.inf, high: float = math.inf,
+           low_open: bool = False, value: Any = _MISSING) -> float:
+    """A real number (a Python int or float: not a bool, string, array or
+    record) in the range."""
+    value = self.get(key) if value is _MISSING else value
+    if (type(value) not in (int, float) or abs(value) >= 2**64
+        or not math.isfinite(value)
+        or not (low < value if low_open else low <= value) or value > high):
+      bracket = "(" if low_open else "["
+      raise self.error(key, value, f"a real number in {bracket}{low}, {high}]")
+    return value
+
+  def count(self, key: str, low: int = 0, value: Any = _MISSING) -> int:
+    """An integer in ``[low, 2**31)``."""
+    value = self.get(key) if value is _MISSING else value
+    if type(value) is not int or not low <= value < _MAX_COUNT:
+      raise self.error(key, value, f"an integer in [{low}, 2**31)")
+    return value
+
+  def of_type(self, key: str, kind: type, default: Any = _MISSING) -> Any:
+    """An attribute of exactly this type (``default`` if absent)."""
+    if default is not _MISSING and key not in self.attributes:
+      return default
+    value = self.get(key)
+    if type(value) is not kind:
+      raise self.error(key, value, f"a {kind.__name__}")
+    return value
 
 
 class _Global(NamedTuple):

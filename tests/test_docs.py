@@ -36,7 +36,7 @@ def python_blocks():
 
 
 @pytest.mark.parametrize("module", [
-    "_ftml", "_mxnet", "_mxnet_files", "_mxnet_resume"])
+    "_ftml", "_mxnet", "_mxnet_files", "_mxnet_schedules", "_mxnet_resume"])
 def test_docstring_examples(module):
   module = importlib.import_module(f"optax_ftml.{module}")
   with jax.numpy_dtype_promotion("standard"):

@@ -30,6 +30,7 @@ import optax_ftml
 from optax_ftml import FTMLState
 from optax_ftml import MXNetObject
 from optax_ftml import MXNetTrainerStates
+from optax_ftml import _mxnet_schedules
 from optax_ftml import module_wd_mult
 from optax_ftml import mxnet_lr_schedule
 from optax_ftml import mxnet_to_flax_layout
@@ -42,9 +43,6 @@ FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
 GLUON = FIXTURES / "gluon"
 MODULE = FIXTURES / "module"
 RELATIVE_TOLERANCE = 8 * float(np.finfo(np.float32).eps)
-# MXNet's schedulers compute in Python floats, the Optax schedules in float32
-# (a few operations, each rounded): a few float32 ulps apart.
-SCHEDULE_RTOL = 4 * float(np.finfo(np.float32).eps)
 
 
 def load(directory):
@@ -202,9 +200,8 @@ def test_gluon_schedule_gives_mxnet_learning_rates():
   schedule = mxnet_lr_schedule(saved.optimizer.attributes["lr_scheduler"])
   first = network["steps_before"] + 1
   rates = [schedule(n) for n in range(first, first + network["steps_after"])]
-  np.testing.assert_allclose(np.float32(rates),
-                             np.float32(network["learning_rates"]),
-                             rtol=SCHEDULE_RTOL, atol=0)
+  np.testing.assert_array_equal(np.float32(rates),
+                                np.float32(network["learning_rates"]))
 
 
 def module_setup():
@@ -305,7 +302,8 @@ def test_module_files_need_hyperparameters_and_step_count():
     resume_mxnet_ftml(path, params)
   with pytest.raises(ValueError, match=r"num_update=.*\(missing\)"):
     resume_mxnet_ftml(path, params, hyperparameters=hyperparameters)
-  with pytest.raises(ValueError, match="num_update must be an integer >= 1"):
+  with pytest.raises(ValueError,
+                     match=r"num_update must be an integer in \[1, 2\*\*31\)"):
     resume_mxnet_ftml(path, params, hyperparameters=hyperparameters,
                       num_update=0)
   with pytest.raises(ValueError, match="only for Module files"):
@@ -380,20 +378,42 @@ def test_other_optimizers_and_unknown_hyperparameters_are_refused():
 SCHEDULES = json.loads((FIXTURES / "schedulers" / "lrs.json").read_text())
 
 
-@pytest.mark.parametrize("name", ["factor", "multifactor", "poly", "cosine"])
-def test_schedulers_give_mxnet_learning_rates(name):
+SCHEDULER_NAMES = sorted(k for k in SCHEDULES if not k.endswith("-paused-at"))
+
+
+def ulps_apart(a, b):
+  """How many float32 values lie between a and b (both non-negative)."""
+  return np.abs(np.float32(a).view(np.int32).astype(np.int64)
+                - np.float32(b).view(np.int32).astype(np.int64))
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_schedulers_give_mxnet_float32_rates_bit_for_bit(name):
   rates = np.float32(SCHEDULES[name])
+  assert len(rates) >= 1000
   paused = SCHEDULES[name + "-paused-at"]
   n = np.arange(1, len(rates) + 1)
   for kind, first in (("fresh", 1), ("paused", paused + 1)):
     data = (FIXTURES / "schedulers" / f"{name}-{kind}.pkl").read_bytes()
-    schedule = mxnet_lr_schedule(_safe_loads(data, name))
-    ours = np.float32(jax.vmap(schedule)(n))[first - 1:]
-    np.testing.assert_allclose(ours, rates[first - 1:], rtol=SCHEDULE_RTOL,
-                               atol=0)
+    schedule = jax.jit(jax.vmap(mxnet_lr_schedule(_safe_loads(data, name))))
+    ours = np.asarray(schedule(n))[first - 1:]
+    assert ours.dtype == np.float32
+    np.testing.assert_array_equal(ulps_apart(ours, rates[first - 1:]), 0,
+                                  err_msg=f"{name}-{kind}")
   # The paused scheduler has already decayed: its state matters.
-  if name in ("factor", "multifactor"):
+  if name.startswith("factor") or name == "multifactor":
     assert _safe_loads(data, name).attributes["base_lr"] < rates[0] * 10
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_schedules_beyond_the_tables_stay_within_a_few_ulps(name, monkeypatch):
+  monkeypatch.setattr(_mxnet_schedules, "_MAX_TABULATED_UPDATES", 7)
+  monkeypatch.setattr(_mxnet_schedules, "_MAX_TABULATED_DECAYS", 3)
+  rates = np.float32(SCHEDULES[name])
+  data = (FIXTURES / "schedulers" / f"{name}-fresh.pkl").read_bytes()
+  schedule = jax.jit(jax.vmap(mxnet_lr_schedule(_safe_loads(data, name))))
+  ours = np.asarray(schedule(np.arange(1, len(rates) + 1)))
+  assert ulps_apart(ours, rates).max() <= 8
 
 
 def test_unknown_scheduler_is_refused():
@@ -433,3 +453,185 @@ def test_guide_python_blocks(monkeypatch, capsys):
     expected = [line[2:] for line in block.splitlines() if line.startswith("# {")]
     if expected:
       assert printed[-len(expected):] == expected
+
+
+# Values a hostile or damaged file may hold where MXNet pickles a number.
+HOSTILE_VALUES = [
+    "x", "", None, True, b"0.1", bytearray(b"\x01"), [0.1], {"a": 1},
+    np.array([1.0]), np.array([0.1, 0.2, 0.3]), float("nan"), float("inf"),
+    -5, 2**4096, 1e308, MXNetObject("mxnet.lr_scheduler.FactorScheduler"),
+]
+
+
+def scheduler_record(name, **changes):
+  record = _safe_loads(
+      (FIXTURES / "schedulers" / f"{name}-paused.pkl").read_bytes(), name)
+  record.attributes.update(changes)
+  return record
+
+
+# Attributes MXNet pickles but FTML's resume does not read (lr too: a
+# scheduler replaces it), and the hostile values that are valid where they
+# are, as in MXNet: no clipping (None, or a negative bound), a negative
+# rescale_grad, multipliers for another name.
+UNREAD = ("_all_index_update_counts", "aggregate_num", "allow_np_array",
+          "begin_num_update", "lr", "sym_info")
+VALID = {"clip_gradient": (None, -5), "rescale_grad": (-5,),
+         "idx2name": ({"a": 1},), "lr_mult": ({"a": 1},),
+         "wd_mult": ({"a": 1},)}
+
+
+def test_hostile_file_values_are_refused_or_give_finite_steps():
+  """Every FTML and scheduler attribute replaced by each hostile value: the
+  resume refuses it with an MXNetFileError, unless the attribute is not read
+  or the value is valid there, and then takes a finite step."""
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  assert saved.optimizer is not None
+  params = gluon_params()
+  grads = jax.tree.map(jnp.ones_like, params)
+  scheduler = saved.optimizer.attributes["lr_scheduler"]
+  keys = [("optimizer", k) for k in sorted(saved.optimizer.attributes)
+          if k != "lr_scheduler"] + [("scheduler", k)
+                                     for k in sorted(scheduler.attributes)]
+  outcomes = {"refused": 0, "finite": 0}
+  for where, key in keys:
+    for value in HOSTILE_VALUES:
+      changed = read_mxnet_trainer_states(GLUON / "trainer.states")
+      assert changed.optimizer is not None
+      record = (changed.optimizer if where == "optimizer"
+                else changed.optimizer.attributes["lr_scheduler"])
+      record.attributes[key] = value
+      try:
+        optimizer, state = resume_mxnet_ftml(changed, params)
+      except optax_ftml.MXNetFileError:
+        outcomes["refused"] += 1
+        continue
+      assert where == "optimizer" and (key in UNREAD or any(
+          value is v or value == v for v in VALID.get(key, ()))), (key, value)
+      updates, _ = optimizer.update(grads, state, params)
+      assert all(np.isfinite(u).all() for u in jax.tree.leaves(updates)), (
+          where, key, value)
+      outcomes["finite"] += 1
+  print(f"hostile attribute values: {outcomes}")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"base_lr": "x", "factor": 2, "stop_factor_lr": ""}, "factor is 2"),
+    ({"base_lr": "x"}, "base_lr is 'x'"),
+    ({"stop_factor_lr": ""}, "stop_factor_lr is ''"),
+    ({"factor": 2}, r"factor is 2; MXNet's FactorScheduler has a real number"
+     r" in \(0.0, 1.0\]"),
+    ({"factor": 2**4096}, "factor is an integer of 4097 bits"),
+    ({"factor": 0.0}, r"factor is 0.0"),
+    ({"step": 0}, r"step is 0; .* integer in \[1, 2\*\*31\)"),
+    ({"count": -1}, "count is -1"),
+    ({"warmup_steps": 2**31}, "warmup_steps is 2147483648"),
+    ({"warmup_mode": "cosine"}, "warmup_mode is 'cosine'"),
+    ({"warmup_begin_lr": 1.0}, "warmup_begin_lr is 1.0; .* at most"),
+])
+def test_factor_scheduler_fields_are_checked(changes, message):
+  with pytest.raises(optax_ftml.MXNetFileError, match=message):
+    mxnet_lr_schedule(scheduler_record("factor", **changes))
+
+
+@pytest.mark.parametrize("name, changes, message", [
+    ("multifactor", {"step": [True] * 30_000}, "step is a list"),
+    ("multifactor", {"step": [True, 2]}, r"step\[0\] is True"),
+    ("multifactor", {"step": [5, 5]}, r"step\[1\] is 5; .* \[6, 2\*\*31\)"),
+    ("multifactor", {"cur_step_ind": 9}, "cur_step_ind is 9; .* at most"),
+    ("poly", {"max_update": 0}, "max_update is 0"),
+    ("poly", {"power": float("nan")}, "power is nan"),
+    ("cosine", {"warmup_steps": 1200, "max_steps": 0}, "max_steps is 0"),
+    ("cosine", {"max_steps": 7}, r"max_steps is 7; .* = 1120"),
+    ("cosine", {"final_lr": np.float32(0.01)}, "final_lr is a float32"),
+    ("cosine", {"base_lr_orig": -0.1}, "base_lr_orig is -0.1"),
+])
+def test_decay_scheduler_fields_are_checked(name, changes, message):
+  with pytest.raises(optax_ftml.MXNetFileError, match=message):
+    mxnet_lr_schedule(scheduler_record(name, **changes))
+
+
+def test_a_long_step_list_is_one_comparison():
+  steps = list(range(10, 100_010, 10))  # the most steps allowed: 10,000
+  schedule = mxnet_lr_schedule(scheduler_record(
+      "multifactor", step=steps, cur_step_ind=0, factor=0.999, base_lr=0.1))
+  rate = jax.jit(schedule)
+  hlo = rate.lower(5000).as_text()
+  assert hlo.count("compare") < 10  # not one comparison per step
+  expected = 0.1
+  for _ in range(499):  # updates 11, 21, ..., 4991 passed their step
+    expected *= 0.999
+  assert float(rate(5000)) == float(np.float32(expected))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"lr": np.array([-0.5]), "lr_scheduler": None}, "lr is a ndarray"),
+    ({"lr": bytearray(b"\x01"), "lr_scheduler": None}, "lr is a bytearray"),
+    ({"lr": 0.0, "lr_scheduler": None}, "learning_rate must be > 0"),
+    ({"beta2": np.array([1.0])}, "beta2 is a ndarray"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0.0, 1.0\)"),
+    ({"epsilon": "1e-8"}, "epsilon is '1e-8'"),
+    ({"num_update": -5}, r"num_update is -5; .* \[0, 2\*\*31\)"),
+    ({"multi_precision": True}, "multi_precision=True, which is not supported"),
+    ({"multi_precision": "yes"}, "multi_precision is 'yes'"),
+    ({"_index_update_count": [6]}, "_index_update_count is a list"),
+    ({"lr_mult": {0: "2"}}, r"lr_mult\[0\] is '2'"),
+    ({"idx2name": [1]}, "idx2name is a list"),
+])
+def test_ftml_fields_are_checked(changes, message):
+  with pytest.raises(optax_ftml.MXNetFileError, match=message):
+    resume_mxnet_ftml(with_optimizer_attributes(**changes), gluon_params())
+
+
+def test_multipliers_are_looked_up_by_index_before_name():
+  network, _, weights, trained = gluon_setup()
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  index = indices["0.weight"]
+  saved = with_optimizer_attributes(lr_mult={index: 0.0, "conv": 1.0},
+                                    idx2name={index: "conv"})
+  optimizer, state = resume_mxnet_ftml(saved, params, indices=indices)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = optimizer.update(grads, state, params)
+  assert not np.asarray(updates["0.weight"]).any()  # lr_mult 0: frozen
+  assert np.asarray(updates["0.bias"]).any()
+
+
+def test_default_order_sorts_the_files_indices():
+  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  assert saved.optimizer is not None
+  reversed_states = dict(sorted(saved.states.items(), reverse=True))
+  params = gluon_params()
+  in_file_order = resume_mxnet_ftml(
+      MXNetTrainerStates(reversed_states, saved.optimizer), params)[1]
+  sorted_order = resume_mxnet_ftml(saved, params)[1]
+  jax.tree.map(np.testing.assert_array_equal, in_file_order, sorted_order)
+
+
+def test_repeated_indices_are_refused():
+  network, _, weights, trained = gluon_setup()
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  with pytest.raises(ValueError, match="repeat an index"):
+    resume_mxnet_ftml(GLUON / "trainer.states", params,
+                      indices={**indices, "0.bias": indices["0.weight"]})
+
+
+def test_partial_multiplier_trees_default_to_one():
+  network, record, weights, trained = gluon_setup()
+  indices = {n: network["trainer_indices"][n] for n in trained}
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  full = gluon_multipliers(network, trained)
+  partial = {key: {n: m for n, m in values.items() if m != 1.0}
+             for key, values in full.items()}
+  assert all(0 < len(p) < len(trained) for p in partial.values())
+  optimizer, state = resume_mxnet_ftml(GLUON / "trainer.states", params,
+                                       indices=indices, hyperparameters=partial)
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
+  check_run(run, record, trained)
+  with pytest.raises(ValueError, match=r"hyperparameters\['wd_mult'\] names"
+                     r" \['4.bias'\]"):
+    resume_mxnet_ftml(GLUON / "trainer.states", params, indices=indices,
+                      hyperparameters={"wd_mult": {"4.bias": 0.0}})

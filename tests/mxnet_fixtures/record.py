@@ -203,19 +203,28 @@ def module_fixture(out):
   })
 
 
+# name -> (scheduler, calls before pickling it mid-run, calls in all): each
+# run past its warm-up and its decay, over 1,500 updates.
 SCHEDULERS = {
     "factor": (lambda: mx.lr_scheduler.FactorScheduler(
+        step=37, factor=0.93, stop_factor_lr=1e-4, base_lr=0.1,
+        warmup_steps=50, warmup_begin_lr=0.01), 400, 1500),
+    "factor-to-stop": (lambda: mx.lr_scheduler.FactorScheduler(
         step=3, factor=0.7, stop_factor_lr=1e-3, base_lr=0.1, warmup_steps=5,
-        warmup_begin_lr=0.01), 9, 60),
+        warmup_begin_lr=0.01), 9, 1500),
     "multifactor": (lambda: mx.lr_scheduler.MultiFactorScheduler(
-        step=[6, 10, 15], factor=0.5, base_lr=0.1, warmup_steps=4,
-        warmup_begin_lr=0.02, warmup_mode="constant"), 8, 25),
+        step=[150, 300, 600, 900, 1200], factor=0.6, base_lr=0.1,
+        warmup_steps=100, warmup_begin_lr=0.02, warmup_mode="constant"),
+        450, 1500),
     "poly": (lambda: mx.lr_scheduler.PolyScheduler(
-        max_update=20, base_lr=0.1, pwr=2, final_lr=0.001, warmup_steps=5),
-        7, 30),
+        max_update=1200, base_lr=0.1, pwr=2, final_lr=0.001,
+        warmup_steps=100), 500, 1500),
+    "poly-power-1.5": (lambda: mx.lr_scheduler.PolyScheduler(
+        max_update=1100, base_lr=0.03, pwr=1.5, final_lr=0, warmup_steps=0),
+        700, 1500),
     "cosine": (lambda: mx.lr_scheduler.CosineScheduler(
-        max_update=20, base_lr=0.1, final_lr=0.01, warmup_steps=3,
-        warmup_begin_lr=0.05), 10, 30),
+        max_update=1200, base_lr=0.1, final_lr=0.01, warmup_steps=80,
+        warmup_begin_lr=0.005), 600, 1500),
 }
 
 
