@@ -1,12 +1,14 @@
 """Apache MXNet's parameter and trainer-state files, read without MXNet.
 
-Two formats, both written by MXNet 1.x (and 2.x):
+Three formats:
 
-* ``net.save_parameters(f)``, ``mx.nd.save(f, ...)`` and the Module API's
-  ``.params`` files: MXNet's NDArray list format. A header (``0x112``, a
+* MXNet 1.x's ``net.save_parameters(f)``, ``mx.nd.save(f, ...)`` and the
+  Module API's ``.params`` files: MXNet's NDArray list format. A header (``0x112``, a
   reserved word), the number of arrays, each array in MXNet's per-array format
   (a magic number, storage type, shape, context, dtype flag, raw data), then
   the names.
+* MXNet 2.x's ``net.save_parameters(f)``: a NumPy ``.npz`` (a zip of
+  uncompressed ``.npy`` files, one per parameter).
 * ``trainer.save_states(f)`` (Gluon) and ``mod.save_optimizer_states(f)``
   (Module): a pickle of ``(states, optimizer)`` (Gluon) or of ``states`` alone
   (Module), where ``states`` maps each parameter's index to its optimizer
@@ -22,9 +24,11 @@ file and costs at most a constant times the file's size.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 import os
 import struct
+import zipfile
 from typing import Any
 
 import ml_dtypes
@@ -36,6 +40,8 @@ from optax_ftml._mxnet_pickle import MXNetObject
 from optax_ftml._mxnet_pickle import load_mxnet_pickle
 
 _LIST_MAGIC = 0x112
+# MXNet 2's parameter files are NumPy .npz archives (zip files).
+_ZIP_MAGIC, _EMPTY_ZIP_MAGIC = b"PK\x03\x04", b"PK\x05\x06"
 # NDArray::Save writes V2 for MXNet's classic shapes and V3 under NumPy shape
 # semantics (npx.set_np()); they differ only in how an empty shape is read.
 _ARRAY_MAGIC_V2 = 0xF993FAC9
@@ -155,15 +161,71 @@ def _source_bytes(file: str | os.PathLike | bytes) -> tuple[bytes, str]:
     return f.read(), os.fspath(file)
 
 
+def _read_npy(member: bytes, what: str, source: str) -> np.ndarray:
+  """One ``.npy`` member of an MXNet 2 parameter file, checked before any
+  allocation: a known dtype and exactly the bytes its shape needs."""
+  stream = io.BytesIO(member)
+  try:
+    version = np.lib.format.read_magic(stream)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran_order, dtype = read_header(stream, max_header_size=10_000)
+  except Exception as e:  # NumPy's header parser raises several kinds
+    raise MXNetFileError(
+        f"{source}: corrupted: {what} is not a NumPy array ({e}).") from None
+  if dtype not in _DTYPES.values() or dtype.byteorder == ">":
+    raise MXNetFileError(f"{source}: {what} has unsupported dtype {dtype}.")
+  if len(shape) > _MAX_NDIM or math.prod(d for d in shape if d) >= _MAX_ELEMENTS:
+    raise MXNetFileError(f"{source}: corrupted: {what} has shape {shape}.")
+  raw = member[stream.tell():]
+  if len(raw) != math.prod(shape) * dtype.itemsize:
+    raise MXNetFileError(
+        f"{source}: corrupted: {what} has {len(raw)} bytes of data for shape"
+        f" {shape} ({dtype}).")
+  return np.frombuffer(raw, dtype).reshape(
+      shape, order="F" if fortran_order else "C").copy()
+
+
+def _read_npz(data: bytes, source: str) -> dict[str, np.ndarray]:
+  """MXNet 2's ``save_parameters``: a NumPy ``.npz`` of uncompressed ``.npy``
+  members (never unpickled, never decompressed)."""
+  try:
+    archive = zipfile.ZipFile(io.BytesIO(data))
+    members = archive.infolist()
+    for info in members:
+      if (info.compress_type != zipfile.ZIP_STORED
+          or info.compress_size != info.file_size
+          or info.file_size > len(data)):
+        raise MXNetFileError(
+            f"{source}: {info.filename[:100]!r} is compressed or larger than"
+            " the file; MXNet writes uncompressed members.")
+    contents = [(info.filename, archive.read(info)) for info in members]
+  except MXNetFileError:
+    raise
+  except Exception as e:  # zipfile raises many kinds of error
+    raise MXNetFileError(
+        f"{source}: truncated or corrupted zip ({type(e).__name__}).") from None
+  names = [name.removesuffix(".npy") for name, _ in contents]
+  if any(not name.endswith(".npy") for name, _ in contents):
+    raise MXNetFileError(f"{source}: the zip holds files other than .npy.")
+  if len(set(names)) != len(names):
+    raise MXNetFileError(f"{source}: corrupted: duplicate names.")
+  return {name: _read_npy(member, f"array {name[:100]!r}", source)
+          for name, (_, member) in zip(names, contents, strict=True)}
+
+
 def read_mxnet_params(
     file: str | os.PathLike | bytes,
 ) -> dict[str, np.ndarray] | list[np.ndarray]:
-  """Reads an MXNet NDArray file (parameters) into NumPy arrays, without MXNet.
+  """Reads an MXNet parameter file into NumPy arrays, without MXNet.
 
-  Reads what ``net.save_parameters``, ``mx.nd.save`` and the Module API's
-  ``save_checkpoint`` write. Gluon's keys are structural (``0.weight``,
-  ``3.0.bias``: child positions and attribute names); the Module API's are
-  ``arg:<name>`` and ``aux:<name>``.
+  Reads what MXNet 1.x's ``net.save_parameters``, ``mx.nd.save`` and the
+  Module API's ``save_checkpoint`` write (MXNet's NDArray list format), and
+  what MXNet 2.x's ``net.save_parameters`` writes (a NumPy ``.npz`` of
+  uncompressed ``.npy`` members, read without unpickling or decompressing
+  anything). Gluon's keys are structural (``0.weight``, ``3.0.bias``: child
+  positions and attribute names); the Module API's are ``arg:<name>`` and
+  ``aux:<name>``.
 
   Args:
     file: a path, or the file's contents as bytes.
@@ -173,9 +235,10 @@ def read_mxnet_params(
     file has no names (``mx.nd.save`` of a list).
 
   Raises:
-    MXNetFileError: (a ``ValueError``) if the file is not an MXNet NDArray
+    MXNetFileError: (a ``ValueError``) if the file is not an MXNet parameter
       file, is truncated or corrupted, or holds something unsupported: sparse
-      storage, unset arrays, an unknown dtype. Nothing is returned then.
+      storage, unset arrays, an unknown dtype, compressed or non-``.npy``
+      zip members. Nothing is returned then.
     TypeError: if ``file`` is neither a path nor bytes.
 
   Examples:
@@ -189,6 +252,8 @@ def read_mxnet_params(
     {'0.weight': (4, 1, 3, 3), '0.bias': (4,), '3.weight': (10, 64), '3.bias': (10,)}
   """
   data, source = _source_bytes(file)
+  if data[:4] in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC):
+    return _read_npz(data, source)
   reader = _Bytes(data, source)
   header, _ = reader.unpack("QQ", "the header")
   if header != _LIST_MAGIC:

@@ -12,6 +12,7 @@ an MXNetFileError.
 
 import argparse
 import copyreg
+import io
 import json
 import pathlib
 import pickle
@@ -22,6 +23,7 @@ import struct
 import sys
 import time
 import tracemalloc
+import zipfile
 
 import numpy as np
 
@@ -125,6 +127,24 @@ def with_extension():
   return PROTO4 + b"}K\x00\x82\xf0\x8c\x0fopen('x', 'w')\x85Rs."
 
 
+def npz(members, compression=zipfile.ZIP_STORED):
+  """A zip of the given (name, bytes) members, as MXNet 2's .params."""
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", compression) as archive:
+    for name, data in members:
+      archive.writestr(name, data)
+  return buffer.getvalue()
+
+
+def npy(array, shape=None):
+  """A .npy of ``array``'s bytes, its header claiming ``shape``."""
+  buffer = io.BytesIO()
+  header = {"descr": np.lib.format.dtype_to_descr(array.dtype),
+            "fortran_order": False, "shape": shape or array.shape}
+  np.lib.format.write_array_header_1_0(buffer, header)
+  return buffer.getvalue() + array.tobytes()
+
+
 STATES = (FIXTURES / "gluon" / "trainer.states").read_bytes()
 
 # name -> (reader, bytes or a function making them, message expected).
@@ -174,6 +194,22 @@ CASES = {
                                "too many elements"),
     "params with 65 dims": ("params", lambda: params_file((1,) * 65, b"\0" * 4),
                             "ndim 65"),
+    "npz: a deflated zip bomb": ("params", lambda: npz(
+        [("w.npy", npy(np.zeros(1 << 26, np.uint8)))], zipfile.ZIP_DEFLATED),
+                                 "is compressed"),
+    "npz: shape (2**40,) over 8 bytes": ("params", lambda: npz(
+        [("w.npy", npy(np.zeros(2, np.float32), (2**40,)))]),
+                                         "8 bytes of data for shape"),
+    "npz: a pickle in place of a .npy": ("params", lambda: npz(
+        [("w.npy", pickle.dumps(np.array([eval], dtype=object)))]),
+                                    "is not a NumPy array"),
+    "npz: object dtype header": ("params", lambda: npz(
+        [("w.npy", npy(np.zeros(2, np.float32)).replace(b"'<f4'", b"'|O' "))]),
+                                 "unsupported dtype object"),
+    "npz: duplicate names": ("params", lambda: npz(
+        [("w.npy", npy(np.zeros(2, np.float32)))] * 2), "duplicate names"),
+    "npz: another file": ("params", lambda: npz([("w.txt", b"")]),
+                          "other than .npy"),
 }
 READERS = {"states": read_mxnet_trainer_states, "params": read_mxnet_params}
 

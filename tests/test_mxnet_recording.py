@@ -1,15 +1,18 @@
-"""The committed MXNet fixtures are what real MXNet 1.9.1 writes.
+"""The committed MXNet fixtures are what real MXNet 1.9.1 and 2.0.0b1 write.
 
-.ci/mxnet_fixtures installs MXNet 1.9.1 in a side environment, re-records the
-fixtures with tests/mxnet_fixtures/record.py into a temporary directory and
-runs this test with OPTAX_FTML_MXNET_RECORDING set to it; without it (no MXNet
-at hand: the other tests never import MXNet) there is nothing to compare.
+.ci/mxnet_fixtures installs MXNet 1.9.1 and 2.0.0b1 in side environments,
+re-records the fixtures with tests/mxnet_fixtures/record.py and record2.py
+into a temporary directory and runs this test with OPTAX_FTML_MXNET_RECORDING
+set to it; without it (no MXNet at hand: the other tests never import MXNet)
+there is nothing to compare, and a part one MXNet could not record is skipped.
 
-Files are compared byte for byte; where they differ, their arrays are compared
-to RTOL: MXNet's CPU convolution kernels (oneDNN) choose their code by the
-processor's instruction set, so gradients (and the weights trained with them)
-may differ in their last bits between machines. The recording is
-byte-for-byte identical when repeated on one machine.
+Files are compared byte for byte; where they differ, their arrays are
+compared to RTOL times each array's largest magnitude, plus ATOL: MXNet's CPU
+convolution kernels (oneDNN) choose their code by the processor's instruction
+set, so gradients (and the weights trained with them) may differ in their last
+bits between machines, and the gradient of a bias followed by BatchNorm, zero
+in exact arithmetic, is rounding noise (~1e-7) on every machine. The recording
+is byte-for-byte identical when repeated on one machine.
 """
 
 import json
@@ -24,19 +27,28 @@ from optax_ftml import read_mxnet_trainer_states
 from optax_ftml._mxnet_files import _safe_loads
 
 ROOT = pathlib.Path(__file__).parent.parent
-COMMITTED = {"fixtures": ROOT / "tests" / "mxnet_fixtures",
-             "example": ROOT / "optax_ftml" / "mxnet_example"}
+FIXTURES = ROOT / "tests" / "mxnet_fixtures"
+# part -> (committed directory, its files that part holds): MXNet 2.0.0b1
+# records gluon2/, MXNet 1.9.1 the rest.
+MXNET2 = "gluon2"
+COMMITTED = {
+    "fixtures": (FIXTURES, lambda path: path.parts[0] != MXNET2),
+    "example": (ROOT / "optax_ftml" / "mxnet_example", lambda path: True),
+    "fixtures2": (FIXTURES, lambda path: path.parts[0] == MXNET2),
+}
 RECORDING = os.environ.get("OPTAX_FTML_MXNET_RECORDING")
 RTOL = 1e-5
+ATOL = 1e-6
 
 pytestmark = pytest.mark.skipif(
     not RECORDING, reason="needs OPTAX_FTML_MXNET_RECORDING: a re-recording"
     " by real MXNet (.ci/mxnet_fixtures makes one)")
 
 
-def data_files(directory):
-  return sorted(p.relative_to(directory) for p in directory.rglob("*")
-                if p.is_file() and p.suffix not in (".py", ".pyc"))
+def data_files(directory, keep=lambda path: True):
+  files = (p.relative_to(directory) for p in directory.rglob("*")
+           if p.is_file() and p.suffix not in (".py", ".pyc"))
+  return sorted(p for p in files if keep(p))
 
 
 def arrays(path):
@@ -58,9 +70,11 @@ def arrays(path):
 @pytest.mark.parametrize("part", sorted(COMMITTED))
 def test_committed_fixtures_are_what_mxnet_writes(part):
   assert RECORDING is not None
-  committed, recorded = COMMITTED[part], pathlib.Path(RECORDING) / part
-  assert data_files(committed) == data_files(recorded)
-  for name in data_files(committed):
+  (committed, keep), recorded = COMMITTED[part], pathlib.Path(RECORDING) / part
+  if not recorded.is_dir():
+    pytest.skip(f"{part} was not re-recorded (see .ci/mxnet_fixtures' output)")
+  assert data_files(committed, keep) == data_files(recorded)
+  for name in data_files(committed, keep):
     ours, theirs = committed / name, recorded / name
     if ours.read_bytes() == theirs.read_bytes():
       continue
@@ -76,5 +90,7 @@ def test_committed_fixtures_are_what_mxnet_writes(part):
         if isinstance(value, str):
           assert actual[key] == value, (name, key)
         else:
-          np.testing.assert_allclose(actual[key], value, rtol=RTOL, atol=0,
+          scale = float(np.max(np.abs(value))) if np.size(value) else 0.0
+          np.testing.assert_allclose(actual[key], value, rtol=0,
+                                     atol=RTOL * scale + ATOL,
                                      err_msg=f"{name} {key}")

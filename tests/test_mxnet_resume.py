@@ -119,25 +119,37 @@ def test_gluon_trainer_orders_parameters_by_sorted_full_name():
   assert network["trainer_indices"]["0.weight"] == 5
 
 
+def check_continuation(optimizer, state, params, network, record, trained,
+                       convert, back):
+  """Continues with MXNet's gradients (in the tested layout) and compares
+  every step with MXNet's; returns the worst differences."""
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(convert(n, record[f"{t}/grad/{n}"]))
+                 for n in trained})
+  return check_run(run, record, trained, back)
+
+
+def layout_conversions(layout):
+  """MXNet's layout to the tested one, and back (to compare with MXNet)."""
+  if layout == "mxnet":
+    return (lambda n, x: x), (lambda n, x: x)
+  return mxnet_to_flax_layout, lambda n, x: np.transpose(
+      x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))) if x.ndim >= 2 else x
+
+
 @pytest.mark.parametrize("layout", ["mxnet", "flax"])
 def test_gluon_run_continues_as_in_mxnet(layout):
   network, record, weights, trained = gluon_setup()
-  convert = mxnet_to_flax_layout if layout == "flax" else (lambda n, x: x)
-  # The inverse of the conversion, to compare with MXNet's arrays.
-  back = (lambda n, x: np.transpose(
-      x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))) if x.ndim >= 2 else x
-          ) if layout == "flax" else (lambda n, x: x)
+  convert, back = layout_conversions(layout)
   params = {n: jnp.asarray(convert(n, weights[n])) for n in trained}
   optimizer, state = resume_mxnet_ftml(
       GLUON / "trainer.states", params,
       indices={n: network["trainer_indices"][n] for n in trained},
       layout=convert if layout == "flax" else None,
       hyperparameters=gluon_multipliers(network, trained))
-  run = continue_run(
-      optimizer, state, params, network["steps_after"],
-      lambda t: {n: jnp.asarray(convert(n, record[f"{t}/grad/{n}"]))
-                 for n in trained})
-  worst = check_run(run, record, trained, back)
+  worst = check_continuation(optimizer, state, params, network, record,
+                             trained, convert, back)
   print(f"gluon ({layout} layout): worst differences {worst}")
 
 
@@ -635,3 +647,54 @@ def test_partial_multiplier_trees_default_to_one():
                      r" \['4.bias'\]"):
     resume_mxnet_ftml(GLUON / "trainer.states", params, indices=indices,
                       hyperparameters={"wd_mult": {"4.bias": 0.0}})
+
+
+GLUON2 = FIXTURES / "gluon2"
+
+
+@pytest.mark.parametrize("layout", ["mxnet", "flax"])
+def test_mxnet2_gluon_run_continues_as_in_mxnet2(layout):
+  """MXNet 2.0.0b1's files: parameters as a NumPy .npz, FTML's fused kernel
+  (clip, then weight decay), a scheduler whose base_lr MXNet 2 replaced by
+  FTML's default learning rate."""
+  network, record = load(GLUON2)
+  weights = read_mxnet_params(GLUON2 / "model.params")
+  assert isinstance(weights, dict)
+  assert set(weights) == set(network["trainer_indices"])
+  trained = [n for n, req in network["grad_req"].items() if req != "null"]
+  convert, back = layout_conversions(layout)
+  params = {n: jnp.asarray(convert(n, weights[n])) for n in trained}
+  saved = read_mxnet_trainer_states(GLUON2 / "trainer.states")
+  assert saved.optimizer is not None
+  assert saved.optimizer.mxnet_class == "mxnet.optimizer.ftml.FTML"
+  optimizer, state = resume_mxnet_ftml(
+      saved, params, layout=convert if layout == "flax" else None,
+      hyperparameters=gluon_multipliers(network, trained))
+  worst = check_continuation(optimizer, state, params, network, record,
+                             trained, convert, back)
+  print(f"MXNet 2 gluon ({layout} layout): worst differences {worst}")
+  schedule = mxnet_lr_schedule(saved.optimizer.attributes["lr_scheduler"])
+  first = network["steps_before"] + 1
+  rates = [schedule(n) for n in range(first, first + network["steps_after"])]
+  np.testing.assert_array_equal(np.float32(rates),
+                                np.float32(network["learning_rates"]))
+  assert network["learning_rates"][0] < 0.0025 < network[
+      "scheduler_base_lr_given"]
+
+
+def test_mxnet2_version_order_matters():
+  """The file's class picks MXNet 2's clip-then-decay order: 1.x's order
+  fails the comparison."""
+  network, record = load(GLUON2)
+  weights = read_mxnet_params(GLUON2 / "model.params")
+  trained = [n for n, req in network["grad_req"].items() if req != "null"]
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  optimizer, state = resume_mxnet_ftml(
+      GLUON2 / "trainer.states", params,
+      hyperparameters={**gluon_multipliers(network, trained),
+                       "mxnet_version": 1})
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
+  with pytest.raises(AssertionError):
+    check_run(run, record, trained)

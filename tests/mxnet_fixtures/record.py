@@ -64,8 +64,9 @@ def save_json(path, value):
   path.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
 
 
-def set_weights(net, rng):
-  for name, param in net._collect_params_with_prefix().items():
+def set_weights(params, rng, array=mx.nd.array):
+  """Seeded weights; ``array`` makes MXNet arrays (MXNet 2: mx.np.array)."""
+  for name, param in params.items():
     if name.endswith("running_mean"):
       value = np.zeros(param.shape)
     elif name.endswith("running_var"):
@@ -74,7 +75,40 @@ def set_weights(net, rng):
       value = 1 + 0.1 * rng.standard_normal(param.shape)
     else:
       value = 0.3 * rng.standard_normal(param.shape)
-    param.set_data(mx.nd.array(value.astype(np.float32)))
+    param.set_data(array(value.astype(np.float32)))
+
+
+def random_batch_step(net, trainer, params, trained, rng, batch_size,
+                      array=mx.nd.array):
+  """One training step on a seeded random batch; returns the gradients."""
+  loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+
+  def step():
+    x = array(rng.standard_normal((batch_size, 1, 6, 6)).astype(np.float32))
+    y = array(rng.randint(0, 3, batch_size).astype(np.float32))
+    with autograd.record():
+      loss = loss_fn(net(x), y)
+    loss.backward()
+    grads = {n: params[n].grad().asnumpy() for n in trained}
+    trainer.step(batch_size)
+    return grads
+
+  return step
+
+
+def continue_and_record(step, trainer, params, indices, steps):
+  """Takes ``steps`` more steps; returns each one's gradients and the
+  weights and FTML states after it, by "t/key/name", and the rates used."""
+  record, learning_rates = {}, []
+  for t in range(steps):
+    for name, grad in step().items():
+      state = trainer._updaters[0].states[indices[name]]
+      record[f"{t}/grad/{name}"] = grad
+      record[f"{t}/weight/{name}"] = params[name].data().asnumpy()
+      for key, array in zip(("d", "v", "z"), state, strict=True):
+        record[f"{t}/{key}/{name}"] = array.asnumpy()
+    learning_rates.append(trainer.learning_rate)
+  return record, learning_rates
 
 
 def trainer_indices(net, trainer):
@@ -100,7 +134,7 @@ def gluon_fixture(out):
                gluon.nn.Dense(3, in_units=6))
     net.add(head)
   net.initialize(mx.init.Zero())
-  set_weights(net, rng)
+  set_weights(net._collect_params_with_prefix(), rng)
   net[0].weight.lr_mult = 0.5
   head[1].bias.wd_mult = 0.0
   scheduler = mx.lr_scheduler.FactorScheduler(
@@ -108,34 +142,18 @@ def gluon_fixture(out):
   trainer = gluon.Trainer(net.collect_params(), "ftml", {
       "learning_rate": 0.05, "wd": 0.01, "clip_gradient": 0.3,
       "lr_scheduler": scheduler})
-  loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
   params = net._collect_params_with_prefix()
   trained = [n for n, p in params.items() if p.grad_req != "null"]
 
-  def step():
-    x = mx.nd.array(rng.standard_normal((batch_size, 1, 6, 6)).astype(np.float32))
-    y = mx.nd.array(rng.randint(0, 3, batch_size).astype(np.float32))
-    with autograd.record():
-      loss = loss_fn(net(x), y)
-    loss.backward()
-    grads = {n: params[n].grad().asnumpy() for n in trained}
-    trainer.step(batch_size)
-    return grads
+  step = random_batch_step(net, trainer, params, trained, rng, batch_size)
 
   for _ in range(before):
     step()
   net.save_parameters(str(out / "model.params"))
   trainer.save_states(str(out / "trainer.states"))
   indices = trainer_indices(net, trainer)
-  record, learning_rates = {}, []
-  for t in range(after):
-    for name, grad in step().items():
-      state = trainer._updaters[0].states[indices[name]]
-      record[f"{t}/grad/{name}"] = grad
-      record[f"{t}/weight/{name}"] = params[name].data().asnumpy()
-      for key, array in zip(("d", "v", "z"), state, strict=True):
-        record[f"{t}/{key}/{name}"] = array.asnumpy()
-    learning_rates.append(trainer.learning_rate)
+  record, learning_rates = continue_and_record(step, trainer, params, indices,
+                                               after)
   save_npz(out / "continued.npz", record)
   save_json(out / "network.json", {
       "batch_size": batch_size, "steps_before": before, "steps_after": after,
@@ -282,7 +300,7 @@ def example_fixture(out, digits_csv):
             gluon.nn.MaxPool2D(2), gluon.nn.Flatten(),
             gluon.nn.Dense(10, in_units=64))
   net.initialize(mx.init.Zero())
-  set_weights(net, rng)
+  set_weights(net._collect_params_with_prefix(), rng)
   scheduler = mx.lr_scheduler.CosineScheduler(
       max_update=before + after, base_lr=0.02, final_lr=0.002, warmup_steps=20,
       warmup_begin_lr=0.002)
