@@ -12,10 +12,14 @@ into --out:
 * ``restored.npz``: with --resume DIR, what was read from the checkpoint in
   DIR (saved at --save-at by an earlier run), from which training continues;
 * ``update_alone.npz``: parameters and state after FTML's update alone (no
-  reduction), from a fresh start.
+  reduction), from a fresh start;
+* ``mxnet_resumed.npz``: with --mxnet DIR (and nothing else run), the
+  parameters and FTML's state after every process resumed MXNet's Gluon
+  checkpoint in DIR onto the mesh and continued it with MXNet's gradients.
 """
 
 import argparse
+import json
 import os
 import pathlib
 
@@ -37,7 +41,10 @@ from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from optax_ftml import FTMLState  # noqa: E402
 from optax_ftml import ftml  # noqa: E402
+from optax_ftml import read_mxnet_params  # noqa: E402
+from optax_ftml import resume_mxnet_ftml  # noqa: E402
 
 STEPS = 12
 BATCH_SIZE = 32  # global: the same batches on any number of devices
@@ -196,19 +203,75 @@ def update_alone(out):
   out["update_alone"].update(flat(gather(updates(params, opt_state)), ""))
 
 
+def mxnet_resumed(directory, out):
+  """Every process reads MXNet's files, resumes FTML with each parameter split
+  over the mesh (its first dimension the devices divide) and continues with
+  the gradients MXNet used."""
+  directory = pathlib.Path(directory)
+  network = json.loads((directory / "network.json").read_text())
+  record = np.load(directory / "continued.npz")
+  weights = read_mxnet_params(directory / "model.params")
+  assert isinstance(weights, dict)
+  trained = [n for n, req in network["grad_req"].items() if req != "null"]
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(AxisType.Auto,))
+
+  def split(shape):
+    for axis, size in enumerate(shape):
+      if size % jax.device_count() == 0:
+        return NamedSharding(mesh, P(*[None] * axis, "data"))
+    return NamedSharding(mesh, P())
+
+  shardings = {n: split(weights[n].shape) for n in trained}
+  assert any(s.spec != P() for s in shardings.values())
+  params = {n: jax.device_put(weights[n], shardings[n]) for n in trained}
+  tx, opt_state = resume_mxnet_ftml(
+      directory / "trainer.states", params,
+      indices={n: network["trainer_indices"][n] for n in trained},
+      hyperparameters={key: {n: network[key][n] for n in trained}
+                       for key in ("lr_mult", "wd_mult")})
+  # Each FTML buffer (within multi_transform's groups: the leaves of its
+  # group, MaskedNode elsewhere) has its parameter's sharding.
+  buffers = 0
+  for ftml_state in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, FTMLState)):
+    if not isinstance(ftml_state, FTMLState):
+      continue
+    for tree in (ftml_state.d_prev, ftml_state.v, ftml_state.z):
+      for path, leaf in jax.tree_util.tree_leaves_with_path(
+          tree, is_leaf=lambda x: isinstance(x, optax.MaskedNode)):
+        if not isinstance(leaf, optax.MaskedNode):
+          name = path[0].key  # pyright: ignore[reportAttributeAccessIssue]
+          assert leaf.sharding == params[name].sharding, (name, leaf.sharding)
+          buffers += 1
+  assert buffers == 3 * len(params), buffers
+  update = jax.jit(tx.update)
+  for t in range(network["steps_after"]):
+    grads = {n: jax.device_put(record[f"{t}/grad/{n}"], shardings[n])
+             for n in trained}
+    updates, opt_state = update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+  out["mxnet_resumed"].update(flat(gather(params), "params"))
+  out["mxnet_resumed"].update(flat(gather(opt_state), "opt_state"))
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--out", required=True)
   parser.add_argument("--checkpoints")
   parser.add_argument("--save-at", type=int, default=STEPS // 2)
   parser.add_argument("--resume")
+  parser.add_argument("--mxnet")
   arguments = parser.parse_args()
-  out = {name: {} for name in
-         ("losses", "final", "saved", "restored", "update_alone")}
-  for name, base in OPTIMIZERS.items():
-    train(name, base, arguments, out, arguments.checkpoints)
-  if not arguments.resume:
-    update_alone(out)
+  out = {name: {} for name in ("losses", "final", "saved", "restored",
+                               "update_alone", "mxnet_resumed")}
+  if arguments.mxnet:
+    mxnet_resumed(arguments.mxnet, out)
+  else:
+    for name, base in OPTIMIZERS.items():
+      train(name, base, arguments, out, arguments.checkpoints)
+    if not arguments.resume:
+      update_alone(out)
   if jax.process_index() == 0:
     for name, arrays in out.items():
       if arrays:

@@ -35,6 +35,7 @@ class Scenario:
   processes: int
   cpu_devices: int
   resume: str | None = None  # the scenario whose checkpoint it continues
+  mxnet: bool = False  # resumes MXNet's Gluon checkpoint instead of training
 
 
 SCENARIOS = {
@@ -44,21 +45,28 @@ SCENARIOS = {
     "4x1 resumed": Scenario(4, 1, resume="2x2"),
     "1x2 resumed": Scenario(1, 2, resume="2x2"),
 }
+MXNET_SCENARIOS = {
+    "MXNet 2x2": Scenario(2, 2, mxnet=True),
+    "MXNet 1x1": Scenario(1, 1, mxnet=True),
+}
+MXNET_GLUON = pathlib.Path(__file__).parent / "mxnet_fixtures" / "gluon"
 
 
-def run_scenarios(tmp_path, monkeypatch):
+def run_scenarios(tmp_path, monkeypatch, scenarios):
   # The worker imports this optax_ftml, installed or in the source tree.
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [str(pathlib.Path(optax_ftml.__file__).parent.parent),
        os.environ.get("PYTHONPATH", "")]))
   results = {}
-  for name, scenario in SCENARIOS.items():
+  for name, scenario in scenarios.items():
     out = tmp_path / name.replace(" ", "_")
     out.mkdir()
     arguments = ["--out", str(out), "--checkpoints", str(out / "checkpoint"),
                  "--save-at", str(SAVE_AT)]
     if scenario.resume:
       arguments += ["--resume", str(results[scenario.resume]["checkpoint"])]
+    if scenario.mxnet:
+      arguments += ["--mxnet", str(MXNET_GLUON)]
     log = io.StringIO()
     status = launch.run([sys.executable, str(WORKER), *arguments],
                         processes=scenario.processes,
@@ -92,7 +100,7 @@ def assert_close(actual, expected):
 def test_processes_train_save_and_resume_like_one_process(tmp_path,
                                                           monkeypatch):
   start = time.monotonic()
-  runs = run_scenarios(tmp_path, monkeypatch)
+  runs = run_scenarios(tmp_path, monkeypatch, SCENARIOS)
   print(f"{len(SCENARIOS)} launches in {time.monotonic() - start:.0f} s")
   two, one = runs["2x2"], runs["1x4"]
   for quantity in ("losses", "final", "saved"):
@@ -157,3 +165,31 @@ def test_launch_timeout_stops_the_processes_and_their_children(tmp_path):
 def test_launch_rejects_fewer_than_one(argument):
   with pytest.raises(ValueError, match=argument):
     launch.run([sys.executable, "-c", "pass"], **{"processes": 1, argument: 0})
+
+
+def test_mxnet_checkpoint_resumes_into_a_multi_process_sharded_run(
+    tmp_path, monkeypatch):
+  """Every process reads MXNet's files and resumes FTML sharded over 2
+  processes x 2 devices: the continued run is the single-process resume to
+  the bit (FTML's chain has no reduction) and MXNet's run to float32 rounding."""
+  start = time.monotonic()
+  runs = run_scenarios(tmp_path, monkeypatch, MXNET_SCENARIOS)
+  print(f"{len(MXNET_SCENARIOS)} launches in {time.monotonic() - start:.0f} s")
+  sharded, single = runs["MXNet 2x2"]["mxnet_resumed"], runs["MXNet 1x1"][
+      "mxnet_resumed"]
+  assert_equal(sharded, single)
+  print("MXNet resume, 2x2 vs 1x1: max difference",
+        max(max_differences(sharded, single).values()))
+  record = np.load(MXNET_GLUON / "continued.npz")
+  last = max(int(key.split("/")[0]) for key in record.files)
+  weights = {key.removeprefix("params['").removesuffix("']"): value
+             for key, value in sharded.items() if key.startswith("params")}
+  assert weights
+  worst = 0.0
+  for name, value in weights.items():
+    expected = record[f"{last}/weight/{name}"]
+    difference = np.max(np.abs(value - expected)) / np.max(np.abs(expected))
+    assert difference <= 8 * np.finfo(np.float32).eps, (name, difference)
+    worst = max(worst, difference)
+  print(f"MXNet resume vs MXNet: worst difference {worst:.2g} of the largest"
+        " weight")
