@@ -167,3 +167,23 @@ def test_reads_refuse_negative_sizes():
   with pytest.raises(MXNetFileError, match="needs -1 bytes"):
     reader.take(-1, "a field")
   assert bytes(reader.take(4, "a field")) == b"abcd"
+
+
+def test_a_record_is_built_once():
+  """A second BUILD would overwrite a record's attributes after others
+  referred to them."""
+  ftml = b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81"
+  once = hostile_files.PROTO4 + b"}K\x00" + ftml + b"}b" + b"s."
+  assert read_mxnet_trainer_states(once).states[0].attributes == {}
+  with pytest.raises(MXNetFileError, match="BUILD on a _Pending"):
+    read_mxnet_trainer_states(hostile_files.PROTO4 + b"}K\x00" + ftml
+                              + b"}b}b" + b"s.")
+
+
+def test_globals_are_named_by_strings_and_called_without_arguments():
+  with pytest.raises(MXNetFileError, match="named by non-strings"):
+    read_mxnet_trainer_states(hostile_files.PROTO4 + b"K\x01K\x02\x93.")
+  with pytest.raises(MXNetFileError, match="called with arguments"):
+    read_mxnet_trainer_states(
+        hostile_files.PROTO4 + b"}K\x00\x8c\x19mxnet.optimizer.optimizer"
+        b"\x8c\x04FTML\x93K\x01\x85\x81}bs.")

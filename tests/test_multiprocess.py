@@ -12,6 +12,7 @@ import dataclasses
 import io
 import os
 import pathlib
+import re
 import sys
 import time
 
@@ -193,3 +194,26 @@ def test_mxnet_checkpoint_resumes_into_a_multi_process_sharded_run(
     worst = max(worst, difference)
   print(f"MXNet resume vs MXNet: worst difference {worst:.2g} of the largest"
         " weight")
+
+
+GUIDE = pathlib.Path(__file__).parent.parent / "docs" / "guides" / "scaling_out.md"
+
+
+def test_the_scaling_guides_program_runs_on_two_processes(tmp_path,
+                                                          monkeypatch):
+  """The guide's train.py, as the guide starts it: 2 processes x 2 devices."""
+  (program,) = re.findall(r"^```python\n(.*?)^```", GUIDE.read_text(),
+                          re.S | re.M)
+  script = tmp_path / "train.py"
+  script.write_text(program)
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(pathlib.Path(optax_ftml.__file__).parent.parent),
+       os.environ.get("PYTHONPATH", "")]))
+  monkeypatch.setenv("CHECKPOINT_DIR", str(tmp_path / "checkpoint"))
+  log = io.StringIO()
+  status = launch.run([sys.executable, str(script)], processes=2,
+                      cpu_devices=2, timeout=TIMEOUT, output=log)
+  assert status == 0, log.getvalue()[-5000:]
+  for index in range(2):
+    assert re.search(rf"^\[{index}\] process {index} of 2: loss \d", log.getvalue(),
+                     re.M), log.getvalue()[-2000:]
