@@ -323,14 +323,14 @@ def ftml(
 
   .. math::
 
-    \begin{align*}
+    \begin{aligned}
       v_t &= \beta_2 v_{t-1} + (1 - \beta_2)\, |g_t|^2 \\
       d_t &= \frac{1 - \beta_1^t}{\eta_t}
              \left(\sqrt{\frac{v_t}{1 - \beta_2^t}} + \epsilon\right) \\
       z_t &= \beta_1 z_{t-1} + (1 - \beta_1)\, g_t
              - (d_t - \beta_1 d_{t-1})\, w_{t-1} \\
       w_t &= -z_t / d_t
-    \end{align*}
+    \end{aligned}
 
   starting from :math:`v_0 = z_0 = d_0 = 0`, and the returned update is
   :math:`w_t - w_{t-1}`. The operations follow MXNet's ``ftml_update`` kernel

@@ -91,3 +91,26 @@ def test_readme_quick_example_converges():
   assert float(value) < 1e-8, printed.getvalue()
   (shown,) = re.findall(r"^```text\nfinal loss (\S+)\n```", readme, re.M)
   assert float(shown) < 1e-8
+
+
+# LaTeX environments that number or align whole displays: Sphinx wraps a
+# docstring's math block in \begin{split}, and MyST pages' $$ blocks are
+# displays already, where MathJax refuses them ("Erroneous nesting of
+# equation structures"). Inside a display, use aligned, gathered, cases.
+DISPLAY_ENVIRONMENT = re.compile(
+    r"\\begin\{(align|equation|gather|multline|eqnarray|flalign)\*?\}")
+
+
+def math_sources():
+  for page in PAGES:
+    yield page.relative_to(ROOT).as_posix(), page.read_text()
+  for name in optax_ftml.__all__:
+    yield f"optax_ftml.{name}", getattr(optax_ftml, name).__doc__ or ""
+
+
+def test_math_blocks_use_environments_mathjax_accepts_in_a_display():
+  offending = [name for name, text in math_sources()
+               if DISPLAY_ENVIRONMENT.search(text)]
+  assert not offending, offending
+  # The check sees what it checks: the ftml docstring has an aligned display.
+  assert r"\begin{aligned}" in (optax_ftml.ftml.__doc__ or "")
