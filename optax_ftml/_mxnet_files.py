@@ -3,10 +3,10 @@
 Three formats:
 
 * MXNet 1.x's ``net.save_parameters(f)``, ``mx.nd.save(f, ...)`` and the
-  Module API's ``.params`` files: MXNet's NDArray list format. A header (``0x112``, a
-  reserved word), the number of arrays, each array in MXNet's per-array format
-  (a magic number, storage type, shape, context, dtype flag, raw data), then
-  the names.
+  Module API's ``.params`` files: MXNet's NDArray list format. A header
+  (``0x112``, a reserved word), the number of arrays, each array in MXNet's
+  per-array format (a magic number, storage type, shape, context, dtype flag,
+  raw data), then the names.
 * MXNet 2.x's ``net.save_parameters(f)``: a NumPy ``.npz`` (a zip of
   uncompressed ``.npy`` files, one per parameter).
 * ``trainer.save_states(f)`` (Gluon) and ``mod.save_optimizer_states(f)``
@@ -99,13 +99,23 @@ def _read_shape(reader: _Bytes, what: str) -> tuple[int, ...] | None:
     raise reader.error(f"corrupted: {what} has ndim {ndim}.")
   dims = reader.unpack(f"{ndim}q", f"{what} dims") if ndim else ()
   dims = (dims,) if isinstance(dims, int) else tuple(dims)
+  problem = _shape_problem(dims)
+  if problem:
+    raise reader.error(f"corrupted: {what} has dims {dims}, {problem}.")
+  return dims
+
+
+def _shape_problem(dims: tuple[int, ...]) -> str | None:
+  """Why NumPy cannot hold an array of these dims, or None."""
+  if len(dims) > _MAX_NDIM:
+    return f"more than {_MAX_NDIM} dims"
   if any(d < 0 for d in dims):
-    raise reader.error(f"corrupted: {what} has dims {dims}.")
+    return "a negative dim"
   # NumPy refuses shapes whose non-zero dims multiply past its index type,
   # even for empty arrays.
   if math.prod(d for d in dims if d) >= _MAX_ELEMENTS:
-    raise reader.error(f"corrupted: {what} has dims {dims}, too many elements.")
-  return dims
+    return "too many elements"
+  return None
 
 
 def _read_array(reader: _Bytes, index: int) -> np.ndarray:
@@ -151,14 +161,22 @@ def _read_array_bytes(data: bytes, source: str) -> np.ndarray:
   return array
 
 
-def _source_bytes(file: str | os.PathLike | bytes) -> tuple[bytes, str]:
+def source_name(file: str | os.PathLike | bytes) -> str:
+  """How messages name ``file``: its path, or ``<bytes>``."""
   if isinstance(file, (bytes, bytearray, memoryview)):
-    return bytes(file), "<bytes>"
+    return "<bytes>"
   if not isinstance(file, (str, os.PathLike)):
     raise TypeError(
         f"file must be a path or bytes, got {type(file).__name__}.")
+  return os.fspath(file)
+
+
+def _source_bytes(file: str | os.PathLike | bytes) -> tuple[bytes, str]:
+  source = source_name(file)
+  if isinstance(file, (bytes, bytearray, memoryview)):
+    return bytes(file), source
   with open(file, "rb") as f:
-    return f.read(), os.fspath(file)
+    return f.read(), source
 
 
 def _read_npy(member: bytes, what: str, source: str) -> np.ndarray:
@@ -175,8 +193,10 @@ def _read_npy(member: bytes, what: str, source: str) -> np.ndarray:
         f"{source}: corrupted: {what} is not a NumPy array ({e}).") from None
   if dtype not in _DTYPES.values() or dtype.byteorder == ">":
     raise MXNetFileError(f"{source}: {what} has unsupported dtype {dtype}.")
-  if len(shape) > _MAX_NDIM or math.prod(d for d in shape if d) >= _MAX_ELEMENTS:
-    raise MXNetFileError(f"{source}: corrupted: {what} has shape {shape}.")
+  problem = _shape_problem(shape)
+  if problem:
+    raise MXNetFileError(
+        f"{source}: corrupted: {what} has shape {shape}, {problem}.")
   raw = member[stream.tell():]
   if len(raw) != math.prod(shape) * dtype.itemsize:
     raise MXNetFileError(

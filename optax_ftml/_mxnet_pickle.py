@@ -175,9 +175,14 @@ class _Machine:
     self.derived_budget = _DERIVED_BYTES_PER_FILE_BYTE * size
     self.decode_array = decode_array
 
-  def pop(self) -> Any:
+  def top(self) -> Any:
+    """The top of the stack, which must lie above the last mark."""
     if len(self.stack) <= (self.marks[-1] if self.marks else 0):
       raise MXNetFileError("corrupted pickle: stack underflow.")
+    return self.stack[-1]
+
+  def pop(self) -> Any:
+    self.top()
     return self.stack.pop()
 
   def pop_mark(self) -> list[Any]:
@@ -284,11 +289,6 @@ class _Machine:
           " read.")
     self.stack.append(where)
 
-  def top(self) -> Any:
-    if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-      raise MXNetFileError("corrupted pickle: stack underflow.")
-    return self.stack[-1]
-
   def step(self, name: str, arg: Any) -> None:
     """One opcode: every opcode MXNet's pickles hold, and no other."""
     if name in _ARGUMENTS:
@@ -304,14 +304,19 @@ class _Machine:
     elif name in _TUPLE_SIZES:
       items = [self.pop() for _ in range(_TUPLE_SIZES[name])]
       self.stack.append(tuple(reversed(items)))
-    elif name in ("SETITEM", "APPEND"):
-      items = [self.pop()]
-      if name == "SETITEM":
-        items.insert(0, self.pop())
-      (self.set_items if name == "SETITEM" else self.append)(self.top(), items)
-    elif name in ("SETITEMS", "APPENDS"):
+    elif name == "SETITEM":
+      value = self.pop()
+      key = self.pop()
+      self.set_items(self.top(), [key, value])
+    elif name == "SETITEMS":
       items = self.pop_mark()
-      (self.set_items if name == "SETITEMS" else self.append)(self.top(), items)
+      self.set_items(self.top(), items)
+    elif name == "APPEND":
+      value = self.pop()
+      self.append(self.top(), [value])
+    elif name == "APPENDS":
+      items = self.pop_mark()
+      self.append(self.top(), items)
     else:
       self.step_objects(name, arg)
 

@@ -19,6 +19,7 @@ from optax_ftml._mxnet_files import MXNetFileError
 from optax_ftml._mxnet_files import MXNetObject
 from optax_ftml._mxnet_files import MXNetTrainerStates
 from optax_ftml._mxnet_files import read_mxnet_trainer_states
+from optax_ftml._mxnet_files import source_name
 from optax_ftml._mxnet_pickle import RecordFields
 from optax_ftml._mxnet_schedules import mxnet_lr_schedule
 
@@ -350,9 +351,7 @@ def resume_mxnet_ftml(
     saved, source = trainer_states, "the trainer states"
   else:
     saved = read_mxnet_trainer_states(trainer_states)
-    source = ("<bytes>" if isinstance(trainer_states, (bytes, bytearray,
-                                                       memoryview))
-              else os.fspath(trainer_states))
+    source = source_name(trainer_states)
   overrides = dict(hyperparameters or {})
   if not set(overrides) <= _HYPERPARAMETER_KEYS:
     raise ValueError(

@@ -45,23 +45,34 @@ def _warmup(f: RecordFields) -> Callable[[Any], jax.Array]:
       lambda n: jnp.float32(begin) + jnp.float32(final - begin) * n / steps)
 
 
-def _factor_decays(f: RecordFields) -> tuple[list[float], Callable[[Any], Any]]:
-  """``FactorScheduler``: the rates after 0, 1, ... decays (multiplied in
-  Python floats as MXNet does, and held at ``stop_factor_lr``), and the number
-  of decays at update ``n``."""
+def _factor(f: RecordFields) -> Callable[[Any], jax.Array]:
+  """``FactorScheduler`` after the warm-up: the rates after 0, 1, ... decays,
+  multiplied in Python floats as MXNet does and held at ``stop_factor_lr``,
+  looked up by the number of decays at update ``n``; beyond the tabulated
+  decays MXNet keeps multiplying (in float32 here)."""
   step, count = f.count("step", low=1), f.count("count")
   factor = f.real("factor", 0.0, 1.0, low_open=True)
   stop = f.real("stop_factor_lr", 0.0)
-  table = [f.real("base_lr", 0.0)]
-  while len(table) <= _MAX_TABULATED_DECAYS and factor != 1 and (
-      table[-1] != stop):
-    table.append(max(table[-1] * factor, stop))
-  return table, lambda n: jnp.maximum(0, (n - count - 1) // step)
+  rates = [f.real("base_lr", 0.0)]
+  while len(rates) <= _MAX_TABULATED_DECAYS and factor != 1 and (
+      rates[-1] != stop):
+    rates.append(max(rates[-1] * factor, stop))
+  table, last = _float32_table(rates), len(rates) - 1
+
+  def rate(n):
+    decays = jnp.maximum(0, (n - count - 1) // step)
+    beyond = jnp.float32(table[-1]) * jnp.float32(factor) ** (
+        jnp.maximum(decays - last, 0).astype(jnp.float32))
+    return jnp.where(decays <= last, _lookup(table, decays),
+                     jnp.maximum(beyond, jnp.float32(stop)))
+
+  return rate
 
 
-def _multi_factor_decays(f: RecordFields) -> tuple[list[float], Callable[[Any], Any]]:
-  """``MultiFactorScheduler``: the rates after each remaining step, and the
-  number of steps passed at update ``n``, as one comparison."""
+def _multi_factor(f: RecordFields) -> Callable[[Any], jax.Array]:
+  """``MultiFactorScheduler`` after the warm-up: the rates after each
+  remaining step, looked up by the steps passed at update ``n`` (one
+  comparison for the whole list)."""
   steps = f.get("step")
   if not (isinstance(steps, list) and 1 <= len(steps) <= _MAX_LISTED_STEPS):
     raise f.error("step", steps, f"a list of 1 to {_MAX_LISTED_STEPS} steps")
@@ -71,19 +82,17 @@ def _multi_factor_decays(f: RecordFields) -> tuple[list[float], Callable[[Any], 
   if done > len(steps):
     raise f.error("cur_step_ind", done, f"at most len(step) = {len(steps)}")
   factor = f.real("factor", 0.0, 1.0, low_open=True)
-  table = [f.real("base_lr", 0.0)]
+  rates = [f.real("base_lr", 0.0)]
   for _ in steps[done:]:
-    table.append(table[-1] * factor)
-  boundaries = np.asarray(steps, np.int64)
-  return table, lambda n: jnp.searchsorted(
-      jnp.asarray(boundaries, n.dtype), n, side="left") - done
+    rates.append(rates[-1] * factor)
+  table, boundaries = _float32_table(rates), np.asarray(steps, np.int32)
+  return lambda n: _lookup(
+      table, jnp.searchsorted(boundaries, n, side="left") - done)
 
 
-def _decay(f: RecordFields) -> tuple[int, Callable[[int], float],
-                                 Callable[[Any], Any]]:
-  """``PolyScheduler`` and ``CosineScheduler`` after the warm-up: the last
-  update of the decay, MXNet's rate in Python floats, and a float32 rate for
-  updates beyond the tabulated ones."""
+def _decay(f: RecordFields) -> Callable[[Any], jax.Array]:
+  """``PolyScheduler`` and ``CosineScheduler`` after the warm-up: MXNet's
+  rates in Python floats, tabulated, and in float32 beyond the table."""
   max_update, warmup = f.count("max_update", low=1), f.count("warmup_steps")
   max_steps = f.count("max_steps", low=1)
   if max_steps != max_update - warmup:
@@ -105,13 +114,17 @@ def _decay(f: RecordFields) -> tuple[int, Callable[[int], float],
     remaining = (max_update - jnp.minimum(n, max_update)) / max_steps
     return final + (start - final) * shape(remaining)
 
-  return max_update, exact, approximate
+  return _tabulated(exact, warmup, max_update, approximate)
 
 
-def _lookup(table: list[float], index: Any) -> jax.Array:
-  """``table[index]`` rounded once to float32, the last entry beyond."""
-  values = jnp.asarray(np.asarray(table, np.float64).astype(np.float32))
-  return values[jnp.clip(index, 0, len(table) - 1)]
+def _float32_table(rates: list[float]) -> np.ndarray:
+  """MXNet's Python-float rates as its kernel sees them: rounded once."""
+  return np.asarray(rates, np.float64).astype(np.float32)
+
+
+def _lookup(table: np.ndarray, index: Any) -> jax.Array:
+  """``table[index]``, the first or last entry outside it."""
+  return jnp.asarray(table)[jnp.clip(index, 0, len(table) - 1)]
 
 
 def _tabulated(rate: Callable[[int], float], first: int, last: int,
@@ -120,39 +133,18 @@ def _tabulated(rate: Callable[[int], float], first: int, last: int,
   while that is at most ``_MAX_TABULATED_UPDATES`` entries, ``beyond(n)``
   after those."""
   last_tabulated = min(last, first + _MAX_TABULATED_UPDATES - 1)
-  table = [rate(n) for n in range(first, last_tabulated + 1)] or [0.0]
+  table = _float32_table(
+      [rate(n) for n in range(first, last_tabulated + 1)] or [0.0])
   if last_tabulated == last:
     return lambda n: _lookup(table, n - first)
   return lambda n: jnp.where(n <= last_tabulated, _lookup(table, n - first),
                              beyond(n.astype(jnp.float32)))
 
 
-_SCHEDULERS = ("FactorScheduler", "MultiFactorScheduler", "PolyScheduler",
-               "CosineScheduler")
-
-
-def _after_warmup(f: RecordFields) -> Callable[[Any], jax.Array]:
-  if f.name in ("PolyScheduler", "CosineScheduler"):
-    max_update, exact, approximate = _decay(f)
-    warmup = f.count("warmup_steps")
-    return _tabulated(exact, warmup, max_update, approximate)
-  table, decays = (_factor_decays if f.name == "FactorScheduler"
-                   else _multi_factor_decays)(f)
-  if f.name == "MultiFactorScheduler":
-    return lambda n: _lookup(table, decays(n))
-  # Beyond the tabulated decays MXNet keeps multiplying, holding at
-  # stop_factor_lr (computed in float32 here).
-  factor, stop = f.attributes["factor"], f.attributes["stop_factor_lr"]
-  last = len(table) - 1
-
-  def rate(n):
-    d = decays(n)
-    beyond = jnp.float32(table[-1]) * jnp.float32(factor) ** (
-        jnp.maximum(d - last, 0).astype(jnp.float32))
-    return jnp.where(d <= last, _lookup(table, d),
-                     jnp.maximum(beyond, jnp.float32(stop)))
-
-  return rate
+_AFTER_WARMUP = {"FactorScheduler": _factor,
+                 "MultiFactorScheduler": _multi_factor,
+                 "PolyScheduler": _decay,
+                 "CosineScheduler": _decay}
 
 
 def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
@@ -213,15 +205,15 @@ def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
     raise TypeError(
         "mxnet_lr_schedule: scheduler must be a scheduler read from an MXNet"
         f" file (an MXNetObject), got {type(scheduler).__name__}.")
-  if scheduler.class_name not in _SCHEDULERS or not (
+  if scheduler.class_name not in _AFTER_WARMUP or not (
       scheduler.mxnet_class.startswith("mxnet.lr_scheduler.")):
     raise ValueError(
         f"mxnet_lr_schedule: unsupported MXNet scheduler {scheduler.mxnet_class}"
-        f"; supported: {', '.join(sorted(_SCHEDULERS))}. Pass the learning rate"
+        f"; supported: {', '.join(sorted(_AFTER_WARMUP))}. Pass the learning rate"
         " or an equivalent schedule yourself.")
   fields = RecordFields(scheduler)
   warmup_steps, warmup = fields.count("warmup_steps"), _warmup(fields)
-  after_warmup = _after_warmup(fields)
+  after_warmup = _AFTER_WARMUP[fields.name](fields)
 
   def schedule(num_update):
     n = jnp.asarray(num_update).astype(jnp.int32)

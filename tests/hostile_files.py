@@ -200,6 +200,9 @@ CASES = {
     "npz: shape (2**40,) over 8 bytes": ("params", lambda: npz(
         [("w.npy", npy(np.zeros(2, np.float32), (2**40,)))]),
                                          "8 bytes of data for shape"),
+    "npz: negative dims (-1, -2) over 8 bytes": ("params", lambda: npz(
+        [("w.npy", npy(np.zeros(2, np.float32), (-1, -2)))]),
+                                                "a negative dim"),
     "npz: a pickle in place of a .npy": ("params", lambda: npz(
         [("w.npy", pickle.dumps(np.array([eval], dtype=object)))]),
                                     "is not a NumPy array"),
