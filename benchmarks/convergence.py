@@ -41,10 +41,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import jaxlib
-import machine  # benchmarks/machine.py, beside this script
 import numpy as np
 import optax
 
+import machine  # benchmarks/machine.py, beside this script
 import optax_ftml
 
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -10,7 +10,6 @@ References:
 from __future__ import annotations
 
 import functools
-import operator
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -139,11 +138,9 @@ def _bias_corrected(v: jax.Array, s: _StepScalars) -> jax.Array:
   out makes every computation of ``d_t`` round the same way. Near the
   gradient bound the result can round above the largest finite number (by
   the rounding of ``1 - b2**t``: up to 3e-5 relative for b2 = 0.999 in
-  float32), where MXNet's weights become NaN.
-
-  Two comparisons and a select, rather than ``jnp.minimum``/``jnp.maximum``,
-  whose NaN handling costs five vector instructions per ``d_t`` (a tenth of
-  the bfloat16 step): the results are the same.
+  float32), where MXNet's weights become NaN. Two comparisons and a select,
+  rather than ``jnp.minimum``, whose NaN handling costs five vector
+  instructions per ``d_t`` (a tenth of the bfloat16 step).
   """
   corrected = v * s.inv_bias2
   overflowed = (corrected == jnp.inf) & (v < jnp.inf)
@@ -156,155 +153,95 @@ def _zero_where(condition: jax.Array, x: jax.Array) -> jax.Array:
   return jax.lax.select(condition, jnp.zeros_like(x), x)
 
 
-class _KernelOutputs(NamedTuple):
-  """What the kernel computes for one parameter."""
-
-  weight_step: jax.Array
-  """``w_t - w_{t-1}``: MXNet's ``-z / d_t`` less the weight."""
-  v: jax.Array
-  z: jax.Array
-  d: jax.Array
-  """``d_t``, the next step's ``d_prev``."""
+# MXNet's FTMLKernel, line by line. ``weight``, ``grad`` and ``z`` are in the
+# arithmetic's dtype, ``v`` and ``d`` in its real counterpart; ``d_t = 0`` (a
+# zero learning rate, or eps = 0 with only zero gradients so far) is a step
+# of 0 with z = 0, which keeps z + d_t w = 0.
 
 
-def _per_output(per_leaf: Any) -> _KernelOutputs:
-  """A tree of per-leaf outputs as one tree per output.
-
-  Not ``jax.tree.transpose``: it needs a leaf to infer from, and
-  ``optax.masked`` hands over a tree without any where it excludes every
-  parameter.
-  """
-  return _KernelOutputs._make(
-      jax.tree.map(operator.attrgetter(field), per_leaf,
-                   is_leaf=lambda x: isinstance(x, _KernelOutputs))
-      for field in _KernelOutputs._fields)
+def next_v(v: jax.Array, grad: jax.Array, s: _StepScalars) -> jax.Array:
+  """``v = beta2 * v + (1 - beta2) * |g|**2``."""
+  return s.beta2 * v + s.one_minus_beta2 * jnp.real(grad * jnp.conj(grad))
 
 
-class _Reads(NamedTuple):
-  """How the kernel's later lines read the ``v`` and ``z`` it stores."""
-
-  v: Callable[[jax.Array], jax.Array]
-  z: Callable[[jax.Array], jax.Array]
+def diagonal(v: jax.Array, s: _StepScalars) -> jax.Array:
+  """``d_t = (1 - beta1**t) / lr * (sqrt(v / (1 - beta2**t)) + eps)``."""
+  return s.d_scale * (jnp.sqrt(_bias_corrected(v, s)) + s.eps)
 
 
-def ftml_kernel(weight: jax.Array, grad: jax.Array, v: jax.Array,
-                z: jax.Array, d: jax.Array, s: _StepScalars,
-                stored: _Reads) -> _KernelOutputs:
-  """MXNet's ``FTMLKernel`` on one parameter: its lines, order and names.
-
-  ``weight``, ``grad`` and ``z`` are in the arithmetic's dtype, ``v`` and
-  ``d`` (``d_{t-1}``) in its real counterpart. As in MXNet, ``d_t`` is
-  computed from the stored ``v`` and the weight from the stored ``z``:
-  ``stored`` gives them (rounded to the state's dtype, or as
-  :func:`_in_place_loops` reads them). Beyond MXNet's kernel: the gradient
-  limit, the overflow guard, and ``d_t = 0`` (a zero learning rate, or
-  ``eps = 0`` with only zero gradients so far) taken as a step of 0 with
-  ``z = 0``, which keeps ``z + d_t w = 0``.
-  """
-  cast = functools.partial(jnp.asarray, dtype=weight.dtype)  # real -> complex
-  grad_i = _limited(grad)
-  v = stored.v(s.beta2 * v
-               + s.one_minus_beta2 * jnp.real(grad_i * jnp.conj(grad_i)))
-  d_t = s.d_scale * (jnp.sqrt(_bias_corrected(v, s)) + s.eps)
-  z = stored.z(_zero_where(d_t == 0, (
-      cast(s.beta1) * z + cast(s.one_minus_beta1) * grad_i)
-      - cast(d_t - s.beta1 * d) * weight))
-  weight_step = _zero_where(d_t == 0, -z / cast(d_t) - weight)
-  return _KernelOutputs(weight_step, v, z, d_t)
+def next_z(z: jax.Array, grad: jax.Array, weight: jax.Array, d_t: jax.Array,
+           d_prev: jax.Array, s: _StepScalars) -> jax.Array:
+  """``z = beta1 * z + (1 - beta1) * g - (d_t - beta1 * d_prev) * w``."""
+  def like_weight(x):  # real -> complex
+    return x.astype(weight.dtype)
+  return _zero_where(d_t == 0, (
+      like_weight(s.beta1) * z + like_weight(s.one_minus_beta1) * grad)
+      - like_weight(d_t - s.beta1 * d_prev) * weight)
 
 
-def _in_place_loops(weight: jax.Array, grad: jax.Array, v: jax.Array,
-                    z: jax.Array, d_prev: jax.Array, now: _StepScalars,
-                    never: jax.Array, precision: _dtypes.Precision,
-                    reads_old_v: bool) -> _KernelOutputs:
-  """The kernel's outputs, arranged so that XLA:CPU updates each in place.
-
-  XLA:CPU computes each output array of the jitted step in a loop of its own
-  and, with the parameters and the state donated, writes it over its input
-  array. A temporary array (``d_t``, which three outputs use) or a copy (of
-  an input overwritten before another loop read it) would cost whole passes
-  over memory, which is what FTML's step time is made of. So each output is
-  its own evaluation of the kernel (XLA drops what it does not use) that
-  reads stored arrays only and recomputes ``d_t`` from them (a square root
-  costs less than a temporary's two passes), in this order:
-
-  1. ``v`` reads the old ``v`` and the gradient;
-  2. ``z`` reads the weights, the gradient, the new ``v``, the old ``z`` and
-     ``d_prev``. When ``d_prev`` is recomputed from the old ``v``
-     (``reads_old_v``), ``z`` reads the old ``v`` instead (recomputing the new
-     one) and comes first, so that ``v`` is overwritten after it;
-  3. ``d_prev`` (only the default state stores it) reads the new ``v`` and
-     overwrites ``d_prev``, which loop 2 read;
-  4. the weights read the new ``v`` and ``z`` and overwrite the weights,
-     which loop 2 read.
-
-  XLA orders loops by data dependence only, and resolves any other
-  write-after-read order with a copy: a loop that must follow the ``z`` loop
-  without reading its result reads it through ``after``'s select, whose
-  condition ``never`` is false (it costs no memory traffic: the condition
-  does not depend on the element). Distinct inputs also keep XLA from
-  merging the loops' ``d_t`` computations into one, which it would
-  materialize: the weights' loop computes it with scalars (``apart``) that
-  pass such a select. ``tests/test_compiled_structure.py`` checks the
-  compiled step: one loop per output array and no copies, in every dtype.
-  """
-  stored = _Reads(v=precision.stored_v, z=precision.stored_z)
-
-  def after(loop_output, x):
-    """``x``, read once ``loop_output`` is written."""
-    return jax.lax.select(never, jnp.real(loop_output).astype(x.dtype), x)
-
-  if reads_old_v:
-    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, stored).z
-    new_v = ftml_kernel(weight, grad, after(new_z, v), z, d_prev, now,
-                        stored).v
-  else:
-    new_v = ftml_kernel(weight, grad, v, z, d_prev, now, stored).v
-    new_z = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
-        v=lambda _: new_v, z=stored.z)).z
-  new_d = ftml_kernel(weight, grad, v, z, d_prev, now, _Reads(
-      v=lambda _: after(new_z, new_v), z=stored.z)).d
-  apart = now._replace(inv_bias2=jax.lax.select(
-      never, jnp.zeros_like(now.inv_bias2), now.inv_bias2))
-  weight_step = ftml_kernel(weight, grad, v, z, d_prev, apart, _Reads(
-      v=lambda _: new_v, z=lambda _: new_z)).weight_step
-  return _KernelOutputs(weight_step, new_v, new_z, new_d)
+def weight_step(z: jax.Array, weight: jax.Array, d_t: jax.Array) -> jax.Array:
+  """``w_t - w_{t-1}``, with ``w_t = -z / d_t``."""
+  return _zero_where(d_t == 0, -z / d_t.astype(weight.dtype) - weight)
 
 
-def _recomputed_d_prev(weight: jax.Array, grad: jax.Array, v: jax.Array,
-                       z: jax.Array, before: _StepScalars,
-                       precision: _dtypes.Precision) -> jax.Array:
-  """``d_{t-1}`` as the previous step computed it from the ``v`` it stored
-  (``before``: that step's scalars), rounded as the default state stores it.
-  """
-  d_t = ftml_kernel(weight, grad, v, z, jnp.zeros_like(v), before, _Reads(
-      v=lambda _: v, z=precision.stored_z)).d
-  return precision.stored_v(d_t)
-
-
-@functools.partial(jax.jit, static_argnames="precision")
+@jax.jit
 def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
-               d_prev: jax.Array | _StepScalars, now: _StepScalars,
-               never: jax.Array, precision: _dtypes.Precision
-               ) -> _KernelOutputs:
-  """One parameter's step, in its storage dtypes; ``d_prev`` is the stored
-  array, or the previous step's scalars to recompute it with.
+               d_prev: jax.Array | None, now: _StepScalars,
+               before: _StepScalars | None, never: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+  """One parameter's step: its update and new ``v``, ``z`` and ``d_prev``.
 
-  Jitted so that parameters of one shape and dtype share one trace: a model's
-  step then traces in about the time of its distinct shapes (XLA inlines the
-  calls; the compiled step is the same).
+  ``d_prev`` is the stored array or, for the lean state, None: it is then
+  recomputed from ``v`` with the previous step's scalars ``before``.
+
+  XLA:CPU computes each output array in a loop of its own and, with the
+  parameters and the state donated, writes it over its input array. A
+  temporary (``d_t``, which three outputs use) or a copy (of an input
+  overwritten before another loop reads it) would cost whole passes over
+  memory, which is what FTML's step time is made of. So every loop reads
+  stored arrays only and recomputes ``d_t`` from them, and the loops run
+  ``v``, ``z``, ``d_prev``, weights (the lean state: ``z``, reading the old
+  ``v``, before ``v``). XLA orders loops by data dependence only and resolves
+  any other write-after-read order with a copy, hence the selects on
+  ``never`` (false, but not known to be when compiling; they cost no memory
+  traffic): ``after`` makes a loop read a value once another has written,
+  and ``apart`` keeps the weights' ``d_t`` from being merged with the
+  others' into one array. ``tests/test_compiled_structure.py`` checks the
+  compiled step: one loop per output array and no copies, in every dtype.
+
+  Jitted so that parameters of one shape and dtype share one trace (XLA
+  inlines the calls; the compiled step is the same).
   """
-  p = precision
-  weight, grad, v, z = (param.astype(p.compute), grad.astype(p.compute),
-                        v.astype(p.real), z.astype(p.compute))
-  recompute = isinstance(d_prev, _StepScalars)
-  d_prev = (_recomputed_d_prev(weight, grad, v, z, d_prev, p)
-            if isinstance(d_prev, _StepScalars) else d_prev.astype(p.real))
-  new = _in_place_loops(weight, grad, v, z, d_prev, now, never, p,
-                        reads_old_v=recompute)
-  return _KernelOutputs(new.weight_step.astype(param.dtype),
-                        new.v.astype(p.stored.v), new.z.astype(p.stored.z),
-                        new.d.astype(p.stored.v))
+  compute = _dtypes.compute_dtype(param.dtype, z.dtype)
+  real = _dtypes.real_dtype(compute)
+
+  def stored(x, dtype):
+    """``x`` as the state stores it, read back in the arithmetic's dtype."""
+    return x.astype(dtype).astype(x.dtype)
+
+  def after(written, x):
+    """``x``, read once ``written`` is."""
+    return jax.lax.select(never, jnp.real(written).astype(x.dtype), x)
+
+  apart = now._replace(inv_bias2=_zero_where(never, now.inv_bias2))
+
+  weight, grad = param.astype(compute), _limited(grad.astype(compute))
+  v_old, z_old = v.astype(real), z.astype(compute)
+  if before is None:
+    v_new = stored(next_v(v_old, grad, now), v.dtype)
+    z_new = stored(next_z(z_old, grad, weight, diagonal(v_new, now),
+                          jnp.asarray(d_prev, real), now), z.dtype)
+    d_new = diagonal(after(z_new, v_new), now).astype(v.dtype)
+  else:  # The lean state: z's loop reads the old v, so it comes first.
+    d_prev = stored(diagonal(v_old, before), v.dtype)
+    v_in_z = stored(next_v(v_old, grad, now), v.dtype)
+    z_new = stored(next_z(z_old, grad, weight, diagonal(v_in_z, now), d_prev,
+                          now), z.dtype)
+    v_new = stored(next_v(after(z_new, v_old), grad, now), v.dtype)
+    d_new = None
+  step = weight_step(z_new, weight, diagonal(v_new, apart))
+  return step.astype(param.dtype), v_new.astype(v.dtype), z_new.astype(
+      z.dtype), d_new
 
 
 def ftml(
@@ -345,43 +282,13 @@ def ftml(
   gradient pre-processing such as clipping and weight decay belongs *before*
   ``ftml`` in an :func:`optax.chain`.
 
-  Conventions:
-
-  * ``learning_rate`` may be a schedule; like every Optax optimizer it is
-    evaluated at the number of updates made so far (0 on the first step).
-    MXNet's schedulers see the count after incrementing (1 on the first
-    step): to reproduce an MXNet schedule ``s`` pass ``lambda n: s(n + 1)``.
-  * A step whose learning rate is exactly 0 (e.g. the first step of a warm-up
-    from 0) leaves the parameters unchanged. It stores the limit of the
-    recursion as :math:`\eta_t \to 0`: there :math:`d_t \to \infty` while
-    :math:`z_t + d_t w_t = 0`, which is all the next step uses of them, so
-    ``z = d_prev = 0`` (``v`` and ``count`` advance as usual); the next steps
-    are those that vanishing learning rates would give. Likewise, with
-    ``eps = 0`` an element whose gradients have all been zero has
-    :math:`d_t = 0` and a 0/0 step, taken as 0. Finite gradients whose
-    square overflows (beyond 1.8e19 in float32, 1.3e154 in float64), where
-    MXNet's weights become NaN, are limited to the largest whose square is
-    finite; below that, MXNet's numbers are kept, state included (where
-    rounding makes :math:`v_t / (1 - \beta_2^t)` overflow from a finite
-    :math:`v_t`, as MXNet's does, it is taken as the largest finite number).
-    No step produces a NaN from finite inputs; NaN and infinite gradients
-    propagate.
-  * Scalars (``1 - b**t``, ``(1 - b1**t) / lr``) are computed in float32 (or
-    float64 for float64 parameters), and the per-element arithmetic runs in
-    at least float32, so bfloat16 and float16 parameters neither lose the
-    bias correction nor flush ``eps = 1e-8`` to zero; results are rounded to
-    the parameters' and the state's dtypes. As in MXNet's kernel, ``d_t`` is
-    computed from the stored ``v_t`` and the weights from the stored ``z_t``.
-  * Complex parameters use :math:`|g|^2` in :math:`v`; ``v`` and ``d_prev``
-    are real.
-  * ``recompute_d_prev=True`` stores two buffers per parameter, as Adam does,
-    instead of three: the state is :class:`FTMLLeanState` ``(count, v, z,
-    prev_learning_rate)``, and each step recomputes ``d_prev`` from the
-    previous ``v``, step and learning rate with the operations that first
-    computed it. The trajectory is the default state's to rounding (XLA
-    compiles the two a little differently: ``v`` agrees within 1 ulp per step,
-    the weights to float32 rounding of the recursion), steps with a learning
-    rate of 0 and ``eps = 0`` included (both give ``d_prev = 0`` again).
+  Like every Optax optimizer, a schedule is evaluated at the number of updates
+  made so far (0 on the first step, where MXNet's schedulers see 1:
+  :ref:`schedules`). A step whose learning rate is 0 leaves the parameters
+  unchanged, finite gradients whose square would overflow are limited, half
+  precision is computed in float32, and no step produces a NaN from finite
+  inputs: :doc:`/guides/what_ftml_computes` and :doc:`/guides/numerics` say
+  how, each point tested.
 
   Args:
     learning_rate: a positive float, or a schedule mapping the update count to
@@ -394,9 +301,11 @@ def ftml(
       ``jnp.float32`` for bfloat16 parameters); by default the parameters'
       dtype (its real part for ``v`` and ``d_prev``), except float32 for
       float16 parameters, whose range cannot hold FTML's state.
-    recompute_d_prev: keyword only; if true, recompute ``d_prev`` at each
-      step instead of storing it (see above): Adam's memory, and about 20%
-      less memory traffic per step than the default state.
+    recompute_d_prev: keyword only; if true, store two buffers per parameter,
+      as Adam does, instead of three: the state is :class:`FTMLLeanState`,
+      and each step recomputes ``d_prev`` from the previous ``v``, count and
+      learning rate (about 20% less memory traffic per step; the trajectory
+      is the default state's to rounding, :ref:`the lean state <lean-state>`).
 
   Returns:
     The corresponding :class:`optax.GradientTransformationExtraArgs`. Its
@@ -431,62 +340,66 @@ def ftml(
   """
   _validation.check_arguments(learning_rate, b1, b2, eps, state_dtype,
                               recompute_d_prev)
-  state_dtype = _dtypes.canonical_state_dtype(state_dtype)
-
-  def storage(param: jax.Array) -> _dtypes.StorageDtypes:
-    return _dtypes.StorageDtypes.of(param.dtype, state_dtype)
+  if state_dtype is not None:
+    state_dtype = jax.dtypes.canonicalize_dtype(state_dtype)
 
   def init_fn(params: optax.Params) -> FTMLState | FTMLLeanState:
     _validation.check_params(params)
 
     # Separate zeros trees: buffers must not alias so that donating the state
     # to a jitted step can reuse each of them in place.
-    def zeros(dtype: Callable[[_dtypes.StorageDtypes], Any]) -> optax.Updates:
-      return jax.tree.map(
-          lambda p: jnp.zeros_like(p, dtype=dtype(storage(p))), params)
+    def zeros(dtype_of: Callable[[Any, Any], jnp.dtype]) -> optax.Updates:
+      return jax.tree.map(lambda p: jnp.zeros_like(
+          p, dtype=dtype_of(p.dtype, state_dtype)), params)
 
     count = jnp.zeros([], jnp.int32)
-    v, z = zeros(lambda s: s.v), zeros(lambda s: s.z)
+    v, z = zeros(_dtypes.v_dtype), zeros(_dtypes.z_dtype)
     if recompute_d_prev:
       # The learning rate is kept in the widest dtype the update computes in.
-      real = _dtypes.widest_real([_dtypes.Precision.of(p.dtype, storage(p))
-                                  for p in jax.tree.leaves(params)])
+      real = _dtypes.widest(jnp.float32, *(
+          _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype, z_leaf.dtype))
+          for p, z_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(z),
+                               strict=True)))
       return FTMLLeanState(count, v, z, jnp.zeros([], real))
-    return FTMLState(count, v, z, d_prev=zeros(lambda s: s.v))
+    return FTMLState(count, v, z, d_prev=zeros(_dtypes.v_dtype))
 
   def update_fn(updates: optax.Updates, state: optax.OptState,
                 params: optax.Params | None = None, **extra_args: Any
                 ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
     state = cast(FTMLState | FTMLLeanState, state)
-    stored_d_prev = () if isinstance(state, FTMLLeanState) else (state.d_prev,)
-    _validation.check_update(params, updates,
-                             (state.v, state.z, *stored_d_prev))
+    buffers = ((state.v, state.z) if isinstance(state, FTMLLeanState)
+               else (state.v, state.z, state.d_prev))
+    _validation.check_update(params, updates, buffers)
 
-    # The step's scalars, once per real dtype; the lean state's d_prev is
-    # recomputed with the previous step's.
+    # The step's scalars, once per real dtype; the lean state recomputes
+    # d_prev with the previous step's.
     count = jnp.asarray(optax.safe_increment(state.count))
-    never = count < 0
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
     now = functools.cache(
         lambda real: _StepScalars.at(count, lr, b1, b2, eps, real))
     before = None
     if isinstance(state, FTMLLeanState):
-      lean = state
+      previous = state
       before = functools.cache(lambda real: _StepScalars.at(
-          lean.count, lean.prev_learning_rate, b1, b2, eps, real))
+          previous.count, previous.prev_learning_rate, b1, b2, eps, real))
+    never = count < 0
 
-    def update_leaf(param, grad, v, z, *stored_d_prev):
-      p = _dtypes.Precision.of(param.dtype,
-                               _dtypes.StorageDtypes(z=z.dtype, v=v.dtype))
-      d_prev = stored_d_prev[0] if before is None else before(p.real)
-      return _leaf_step(param, grad, v, z, d_prev, now(p.real), never, p)
+    def leaf_step(param, grad, v, z, d_prev=None):
+      real = _dtypes.real_dtype(_dtypes.compute_dtype(param.dtype, z.dtype))
+      return _leaf_step(param, grad, v, z, d_prev, now(real),
+                        before(real) if before else None, never)
 
-    new = _per_output(jax.tree.map(update_leaf, params, updates, state.v,
-                                   state.z, *stored_d_prev))
+    leaves, tree = jax.tree.flatten(params)
+    steps = [leaf_step(*leaf) for leaf in zip(
+        leaves, *map(tree.flatten_up_to, (updates, *buffers)), strict=True)]
+
+    def output(index):
+      return tree.unflatten([step[index] for step in steps])
+
     if isinstance(state, FTMLLeanState):
-      return new.weight_step, FTMLLeanState(count, new.v, new.z, jnp.asarray(
+      return output(0), FTMLLeanState(count, output(1), output(2), jnp.asarray(
           lr, state.prev_learning_rate.dtype))
-    return new.weight_step, FTMLState(count, new.v, new.z, new.d)
+    return output(0), FTMLState(count, output(1), output(2), output(3))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -93,7 +93,7 @@ def trajectory(weights, xs, lrs, gradient_fn=None, *, update=ftml_update,
                slots=None, per_leaf=None, **kwargs):
   """The kernel's weights after each of ``len(lrs)`` steps, and its slots.
 
-  Like :func:`scan_training.run`: ``weights`` is an array or a dict of arrays,
+  Like :func:`helpers.run`: ``weights`` is an array or a dict of arrays,
   ``xs`` has its structure with a leading step axis and holds the gradients,
   or the inputs of ``gradient_fn(weights, x)`` (gradients computed from the
   current weights). ``lrs[t]`` is the learning rate of step ``t + 1`` (a

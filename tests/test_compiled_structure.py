@@ -6,13 +6,13 @@ what FTML's step time is made of; these structural checks keep them out
 (timings are in ``benchmarks/speed.py``).
 """
 
-import re
-
 import jax
 import jax.numpy as jnp
 import optax
 import pytest
 
+import hlo  # benchmarks/hlo.py
+from helpers import jitted_step
 from optax_ftml import ftml
 
 PARAMS = {"kernel": (3, 3, 8, 16), "bias": (16,), "dense": (256, 10)}
@@ -20,19 +20,9 @@ PARAMS = {"kernel": (3, 3, 8, 16), "bias": (16,), "dense": (256, 10)}
 
 def compiled_entry(optimizer, dtype):
   params = {k: jnp.ones(s, dtype) for k, s in PARAMS.items()}
-
-  def step(params, state, grads):
-    updates, state = optimizer.update(grads, state, params)
-    return optax.apply_updates(params, updates), state
-
-  text = jax.jit(step, donate_argnums=(0, 1)).lower(
+  text = jitted_step(optimizer, donate=True).lower(
       params, optimizer.init(params), params).compile().as_text()
-  return text[text.index("\nENTRY"):]
-
-
-def array_ops(entry, opcode):
-  """Instructions ``opcode`` of the entry computation with an array result."""
-  return re.findall(rf"= \w+\[\d[^\]]*\]\S* {opcode}\(", entry)
+  return hlo.entry_computation(text)
 
 
 def naive_ftml_step(params, state, grads):
@@ -48,10 +38,9 @@ def naive_ftml_step(params, state, grads):
 def test_the_counting_sees_a_straightforward_implementations_copies():
   x = jnp.ones((1000,))
   state = (x, x + 1, x + 2, jnp.float32(0))
-  text = jax.jit(naive_ftml_step, donate_argnums=(0, 1)).lower(
-      x, state, x).compile().as_text()
-  entry = text[text.index("\nENTRY"):]
-  assert array_ops(entry, "copy") or len(array_ops(entry, "fusion")) > 4
+  entry = hlo.entry_computation(jax.jit(naive_ftml_step, donate_argnums=(
+      0, 1)).lower(x, state, x).compile().as_text())
+  assert hlo.array_ops(entry, "copy") or len(hlo.array_ops(entry, "fusion")) > 4
 
 
 # bfloat16 keeps a bfloat16 state, float16 a float32 one: every loop reads the
@@ -65,14 +54,14 @@ def test_the_counting_sees_a_straightforward_implementations_copies():
 def test_donated_step_has_one_loop_per_output_and_no_copies(
     dtype, recompute_d_prev, outputs_per_leaf):
   entry = compiled_entry(ftml(1e-3, recompute_d_prev=recompute_d_prev), dtype)
-  assert not array_ops(entry, "copy")
+  assert not hlo.array_ops(entry, "copy")
   # Every array-valued loop writes an output: no temporaries.
-  assert len(array_ops(entry, "fusion")) == outputs_per_leaf * len(PARAMS)
+  assert len(hlo.array_ops(entry, "fusion")) == outputs_per_leaf * len(PARAMS)
 
 
 def test_adam_reference_structure():
   """Adam, for comparison: three loops per leaf (mu, nu, parameters)."""
   with jax.numpy_dtype_promotion("standard"):  # Optax's bias correction
     entry = compiled_entry(optax.adam(1e-3), jnp.float32)
-  assert not array_ops(entry, "copy")
-  assert len(array_ops(entry, "fusion")) == 3 * len(PARAMS)
+  assert not hlo.array_ops(entry, "copy")
+  assert len(hlo.array_ops(entry, "fusion")) == 3 * len(PARAMS)

@@ -17,9 +17,10 @@ import optax
 import pytest
 
 import optax_ftml
+from helpers import jitted_step
+from helpers import run
 from mxnet_reference import FTMLSlots
 from mxnet_reference import ftml_update
-from scan_training import run
 
 LR = 0.01
 
@@ -41,13 +42,8 @@ def test_the_bound_is_where_the_square_overflows():
 def ftml_steps(grads, w0, b2, dtype):
   """``ftml``'s weights and state (v, z, d_prev) after each gradient."""
   opt = optax_ftml.ftml(LR, b2=b2)
-
-  @jax.jit
-  def step(w, state, g):
-    updates, state = opt.update(g, state, w)
-    return optax.apply_updates(w, updates), state
-
-  w, state, out = jnp.asarray(w0, dtype), None, []
+  step = jitted_step(opt)
+  w, out = jnp.asarray(w0, dtype), []
   state = opt.init(w)
   for g in grads:
     w, state = step(w, state, jnp.asarray(g, dtype))

@@ -6,39 +6,17 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import noisy_pull
+from helpers import pull_problem
+from helpers import relative_error
+from helpers import run
+from helpers import ulps
 from mxnet_reference import trajectory
 from optax_ftml import FTMLLeanState
 from optax_ftml import FTMLState
 from optax_ftml import ftml
-from scan_training import noisy_pull
-from scan_training import run
 
 SHAPES = {"a": (6, 5), "b": (7,)}
-
-
-def problem(steps, dtype, seed=0, scale=1.0):
-  """Weights, a target and gradient noise: gradients are noise + (w - target),
-  computed from each run's own weights so that differences feed back."""
-  rng = np.random.RandomState(seed)
-  weights = {k: rng.randn(*s).astype(dtype) for k, s in SHAPES.items()}
-  target = {k: rng.randn(*s).astype(dtype) for k, s in SHAPES.items()}
-  noise = {k: (scale * rng.randn(steps, *s)).astype(dtype)
-           for k, s in SHAPES.items()}
-  return weights, target, noise
-
-
-def relative_error(actual, expected, floor=1.0):
-  return max(float(np.max(np.abs(actual[k] - expected[k])
-                          / np.maximum(np.abs(expected[k]), floor)))
-             for k in expected)
-
-
-def ulps(a, b):
-  """Distance in float32 units in the last place."""
-  def ordered(x):
-    i = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
-    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
-  return np.abs(ordered(a) - ordered(b))
 
 
 def test_state_has_adams_memory_and_distinct_buffers():
@@ -87,7 +65,7 @@ def test_matches_the_numpy_kernel(dtype, tolerance, scheduled, beta1, beta2,
                                   eps):
   steps = 300
   with jax.enable_x64(dtype == np.float64):
-    weights, target, noise = problem(steps, dtype)
+    weights, target, noise = pull_problem(SHAPES, steps, dtype)
     if scheduled:
       learning_rate, lrs = schedule(steps, dtype)
     else:
@@ -109,7 +87,7 @@ def test_same_trajectory_as_the_default_state(dtype):
   ~1e-13, in float32 to the rounding that MXNet's recursion amplifies."""
   steps = 500
   with jax.enable_x64(dtype == np.float64):
-    weights, target, noise = problem(steps, dtype, seed=3)
+    weights, target, noise = pull_problem(SHAPES, steps, dtype, seed=3)
     learning_rate, lrs = schedule(steps, dtype, zeros=(0, 200, 201))
     default, default_state = run(ftml(learning_rate), weights, noise,
                                  noisy_pull(target))
@@ -135,7 +113,7 @@ def test_one_step_from_the_same_state_differs_by_rounding_only():
   count (d_prev recomputed instead of read) gives v within 1 ulp and the
   same weights to float32 rounding."""
   steps = 300
-  weights, target, noise = problem(steps, np.float32, seed=5)
+  weights, target, noise = pull_problem(SHAPES, steps, np.float32, seed=5)
   learning_rate, _ = schedule(steps, np.float32, zeros=(0, 100))
   default, lean = ftml(learning_rate), ftml(learning_rate,
                                             recompute_d_prev=True)

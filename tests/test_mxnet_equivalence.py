@@ -16,12 +16,14 @@ import optax
 import pytest
 
 import optax_ftml
+from helpers import noisy_pull
+from helpers import pull_problem
+from helpers import relative_error
+from helpers import run
 from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
 from mxnet_reference import trajectory
-from scan_training import noisy_pull
-from scan_training import run
 
 # MXNet's tests/python/unittest/test_optimizer.py::test_ftml grid.
 GRID = list(itertools.product(
@@ -105,13 +107,6 @@ class Problem:
     return jax.tree.map(np.asarray, trajectory), state
 
 
-def worst_relative_error(actual, expected, floor):
-  """max |a - e| / max(|e|, floor): relative error, absolute near zero."""
-  return max(float(np.max(np.abs(np.asarray(actual[k]) - expected[k])
-                          / np.maximum(np.abs(expected[k]), floor)))
-             for k in expected)
-
-
 def schedule_and_values(steps, dtype):
   """A cosine decay from 0.02 to 0.002, and the values the reference uses.
 
@@ -146,13 +141,13 @@ def test_grid_many_steps(mxnet_version, dtype, scheduled):
     expected, slots = problem.reference(lrs, mxnet_version)
     actual, state = problem.optax(learning_rate, mxnet_version)
   tol = TOLERANCE[dtype]
-  assert worst_relative_error(actual, expected, floor=1.0) < tol
+  assert relative_error(actual, expected, floor=1.0) < tol
   # The states, relative to each buffer's scale (the gradients, hence v and
   # d, follow the weights' tiny drift).
   for ours, field in ((state.v, "v"), (state.d_prev, "d"), (state.z, "z")):
     theirs = {k: getattr(s, field) for k, s in slots.items()}
     scale = max(float(np.abs(x).max()) for x in theirs.values())
-    assert worst_relative_error(ours, theirs, floor=scale) < tol
+    assert relative_error(ours, theirs, floor=scale) < tol
   # The trajectories moved: the comparison is not between two constants.
   assert all(np.abs(expected[k][:, -1] - problem.weights[k]).max() > 0.1
              for k in expected)
@@ -167,8 +162,8 @@ def test_float32_is_as_accurate_as_mxnet(mxnet_version):
   ours, _ = problem.optax(lr, mxnet_version)
   mxnet32, _ = problem.reference(np.full(steps, lr, np.float32), mxnet_version)
   exact, _ = problem.astype(np.float64).reference(np.full(steps, lr), mxnet_version)
-  ours_error = worst_relative_error(ours, exact, floor=1.0)
-  mxnet_error = worst_relative_error(mxnet32, exact, floor=1.0)
+  ours_error = relative_error(ours, exact, floor=1.0)
+  mxnet_error = relative_error(mxnet32, exact, floor=1.0)
   assert 1e-7 < mxnet_error < 1e-4
   assert ours_error < 1.5 * mxnet_error
 
@@ -260,15 +255,6 @@ def cosine(dtype, steps):
       1 + jnp.cos(jnp.pi * count.astype(dtype) / steps))
 
 
-def user_problem(steps, dtype, seed=3):
-  rng = np.random.RandomState(seed)
-  weights = {k: rng.rand(*s).astype(dtype) for k, s in USER_SHAPES.items()}
-  target = {k: (2 * rng.rand(*s) - 1).astype(dtype) for k, s in USER_SHAPES.items()}
-  noise = {k: (rng.rand(steps, *s) - 0.5).astype(dtype)
-           for k, s in USER_SHAPES.items()}
-  return weights, target, noise
-
-
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_python_floats_first_step_v_is_bit_exact(name, dtype):
@@ -307,7 +293,8 @@ def test_python_floats_many_steps(name, dtype, scheduled):
   mxnet_ftml with their float32 roundings, and each is far from the other."""
   steps = 300
   build, kernel, mxnet_count = entry_points(wd=0.03)[name]
-  weights, target, noise = user_problem(steps, dtype)
+  weights, target, noise = pull_problem(USER_SHAPES, steps, dtype, seed=3,
+                                        uniform=True)
   with jax.enable_x64(dtype == np.float64):
     schedule = cosine(dtype, steps)
     ours, state = run(build(schedule if scheduled else 0.01), weights, noise,
@@ -317,17 +304,17 @@ def test_python_floats_many_steps(name, dtype, scheduled):
            else np.full(steps, 0.01))
   expected, slots = trajectory(weights, noise, lrs, noisy_pull(target), **kernel)
   tolerance = TOLERANCE[dtype]
-  assert worst_relative_error(ours, expected, floor=1.0) < tolerance
+  assert relative_error(ours, expected, floor=1.0) < tolerance
   state = ftml_state(state)
   fields = [("v", "v"), ("z", "z")] + (
       [("d_prev", "d")] if hasattr(state, "d_prev") else [])
   for ours_field, field in fields:
     theirs = {k: getattr(s, field) for k, s in slots.items()}
     scale = max(float(np.abs(x).max()) for x in theirs.values())
-    assert worst_relative_error(getattr(state, ours_field), theirs,
+    assert relative_error(getattr(state, ours_field), theirs,
                                 floor=scale) < tolerance
   assert all(np.abs(expected[k][-1] - weights[k]).max() > 0.1 for k in weights)
   if dtype == np.float64:
     other, _ = trajectory(weights, noise, lrs, noisy_pull(target),
                           **other_rounding(kernel))
-    assert worst_relative_error(ours, other, floor=1.0) > 1e3 * tolerance
+    assert relative_error(ours, other, floor=1.0) > 1e3 * tolerance

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import noisy_pull
+from helpers import run
 from mxnet_reference import trajectory
 from optax_ftml import mxnet_ftml
-from scan_training import noisy_pull
-from scan_training import run
 
 STEPS = 100
 

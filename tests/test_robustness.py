@@ -13,11 +13,9 @@ import optax
 import pytest
 
 import optax_ftml
-from mxnet_reference import FTMLSlots
+from helpers import run
 from mxnet_reference import collapsed_trajectory
-from mxnet_reference import ftml_update
 from mxnet_reference import trajectory
-from scan_training import run
 
 
 def all_finite(tree):
@@ -118,58 +116,6 @@ def test_zero_gradients_for_100k_steps(dtype, state_dtype, eps):
     ulp = float(jnp.finfo(dtype).eps)
     np.testing.assert_array_less(np.abs(w - w0), 4 * ulp * np.abs(w0) + 1e-37)
 
-
-@pytest.mark.parametrize("gradient", [0.0, 1e-3, 300.0])
-def test_float16_state_is_unsafe_hence_float32_by_default(gradient):
-  """Why float16 parameters get a float32 state unless told otherwise: d
-  scales as (|g| + eps) / lr and z as d * w, which float16 cannot hold. With
-  zero gradients d = eps (1 - b1**t) / lr is subnormal and z = -d w keeps a
-  few bits: the leader -z/d jitters until large weights overflow; with
-  |g| = 1e-3, (1 - b2) g**2 underflows to 0, d falls to eps / lr and the
-  steps explode; with |g| = 300 (lr = 0.0025) d overflows."""
-  w0 = jnp.array([-3.0, 1.0, 2.5, -6e4], jnp.float16)
-
-  def run(state_dtype):
-    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
-
-    def step(carry, _):
-      p, state = carry
-      updates, state = opt.update(jnp.full_like(p, gradient), state, p)
-      return (optax.apply_updates(p, updates), state), None
-
-    (w, state), _ = jax.jit(lambda p: jax.lax.scan(
-        step, (p, opt.init(p)), length=1000))(w0)
-    return np.asarray(w), state.v.dtype
-
-  float16_state, dtype = run(jnp.float16)
-  assert dtype == jnp.float16
-  assert not np.all(np.isfinite(float16_state))
-  default, dtype = run(None)
-  assert dtype == jnp.float32
-  with_float32_state, _ = run(jnp.float32)
-  np.testing.assert_array_equal(default, with_float32_state)
-  assert np.all(np.isfinite(default))
-  if gradient == 0:
-    np.testing.assert_array_equal(default, np.asarray(w0))
-
-
-def test_bfloat16_state_freezes_the_second_moment():
-  """bfloat16 keeps 8 bits: once v's decay by b2 = 0.999 per step is below
-  half an ulp, b2 * v rounds back to v. After the gradients shrink 100-fold
-  v stays ~8x too large (steps ~3x too small); a float32 state decays."""
-  grads = jnp.concatenate([jnp.ones((1000, 4)), jnp.full((3000, 4), 0.01)])
-
-  def final_v(state_dtype):
-    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
-    _, state = run(opt, jnp.zeros(4, jnp.bfloat16),
-                          grads.astype(jnp.bfloat16))
-    return np.asarray(state.v, np.float32)
-
-  # v after the 3000 small gradients: 0.999**3000 * v_1000 + ~1e-4.
-  v_1000 = 1 - 0.999**1000
-  exact = 0.999**3000 * v_1000 + 1e-4 * (1 - 0.999**3000)
-  np.testing.assert_allclose(final_v(jnp.float32), exact, rtol=1e-3)
-  assert np.all(final_v(jnp.bfloat16) > 5 * exact)
 
 
 @pytest.mark.parametrize("tiny", [1e-30, -1e-38, 1e-45])
@@ -378,32 +324,3 @@ def test_orbax_checkpoint_of_other_parameters_fails_loudly(tmp_path):
     opt.update(new_params, as_saved, new_params)
 
 
-def test_weights_changed_outside_ftml_are_pulled_back_like_mxnet():
-  """Why pre-processing goes before FTML: a change delta made to the weights
-  between two steps is partly undone by the next step, which moves towards
-  the leader -z/d: it keeps (1 - b1 d_t / d_{t+1}) delta, as in MXNet."""
-  rng = np.random.RandomState(8)
-  grads = rng.randn(20, 6).astype(np.float32)
-  w0 = rng.randn(6).astype(np.float32)
-  delta = np.float32(0.5)
-  opt = optax_ftml.ftml(0.01, b1=0.6)
-
-  def run(perturbation):
-    w, state, out = jnp.asarray(w0), opt.init(jnp.asarray(w0)), []
-    for t, g in enumerate(grads):
-      updates, state = opt.update(jnp.asarray(g), state, w)
-      w = optax.apply_updates(w, updates) + (perturbation if t == 9 else 0)
-      out.append(np.asarray(w))
-    return np.stack(out)
-
-  ours, undisturbed = run(delta), run(np.float32(0))
-  w, slots, expected, d = w0, FTMLSlots.zeros_like(w0), [], []
-  for t, g in enumerate(grads, start=1):
-    w = ftml_update(w, g, slots, lr=0.01, t=t, beta1=0.6) + (
-        delta if t == 10 else np.float32(0))
-    expected.append(w)
-    d.append(slots.d)
-  np.testing.assert_allclose(ours, np.stack(expected), rtol=1e-5, atol=1e-6)
-  kept = (ours[10] - undisturbed[10]) / delta
-  np.testing.assert_allclose(kept, 1 - 0.6 * d[9] / d[10], rtol=1e-3)
-  assert np.all(kept < 0.6)

@@ -1,6 +1,9 @@
-"""Half-precision parameters: float32 state, and MXNet's ``multi_precision``.
+"""Half-precision (bfloat16, float16) parameters, every check in one place.
 
-Two set-ups, both compared with the NumPy transcription of MXNet:
+The default state's dtypes and the float32 arithmetic that keeps the bias
+correction and ``eps``; why float16 gets a float32 state and what a bfloat16
+state loses; half-precision hyperparameters injected as arrays. And two
+set-ups compared with the NumPy transcription of MXNet:
 
 * bfloat16/float16 parameters with ``ftml(..., state_dtype=jnp.float32)``:
   the kernel runs in float32 and the parameters are rounded at every step.
@@ -17,21 +20,21 @@ import optax
 import pytest
 
 import optax_ftml
+from helpers import run
 from mxnet_reference import FTMLSlots
 from mxnet_reference import ftml_update
 from mxnet_reference import ftml_update_low_precision
 from mxnet_reference import ftml_update_multi_precision
-from scan_training import run
 
 HALF = [jnp.bfloat16, jnp.float16]
 
 
-def ulp(dtype):
+def machine_epsilon(dtype):
   return float(jnp.finfo(dtype).eps)
 
 
 def scan_steps(opt, params, xs, gradient_fn=None):
-  """:func:`scan_training.run`, with the parameters widened to float32 for NumPy."""
+  """:func:`helpers.run`, with the parameters widened to float32 for NumPy."""
   ps, state = run(opt, params, xs, gradient_fn)
   return np.asarray(ps, np.float32), state
 
@@ -53,10 +56,11 @@ def test_half_parameters_with_float32_state_match_the_float32_kernel(dtype):
     expected.append(w)
   expected = np.stack(expected).astype(np.float32)
   assert np.abs(expected[-1] - w0.astype(np.float32)).max() > 0.1
-  np.testing.assert_allclose(ps, expected, rtol=1.01 * ulp(dtype), atol=1e-6)
+  np.testing.assert_allclose(ps, expected, rtol=1.01 * machine_epsilon(dtype),
+                             atol=1e-6)
   # z = ... - d w: an ulp of difference in w at a tie moves z by d * ulp.
   np.testing.assert_allclose(state.z, slots.z, rtol=0,
-                             atol=ulp(dtype) * np.abs(slots.z).max())
+                             atol=machine_epsilon(dtype) * np.abs(slots.z).max())
 
 
 # --- MXNet's multi_precision=True as a recipe ---------------------------------
@@ -252,11 +256,12 @@ def test_float16_default_eps_does_not_hit_mxnet_zero_over_zero(state_dtype):
                        (state.d_prev, slots.d)):
     assert ours.dtype == theirs.dtype
     np.testing.assert_allclose(np.asarray(ours, np.float32),
-                               theirs.astype(np.float32), rtol=ulp(ours.dtype))
+                               theirs.astype(np.float32),
+                               rtol=machine_epsilon(ours.dtype))
   if state_dtype is not None:
     # In a float16 state z = -d w is subnormal there (d = 1.6e-6) and
     # (1 - b2) g**2 underflows for g = 1e-4: the stored values lose the step
-    # (see test_robustness.test_float16_state_is_unsafe_hence_float32_by_default).
+    # (see test_float16_state_is_unsafe_hence_float32_by_default).
     assert new[0] != weight[0]
     return
   assert new[0] == weight[0]  # zero gradient: no step
@@ -264,4 +269,145 @@ def test_float16_default_eps_does_not_hit_mxnet_zero_over_zero(state_dtype):
   # rounding of the new weight to float16.
   moved = np.asarray(new, np.float32) - weight.astype(np.float32)
   error = np.abs(moved[1:] + 0.0025 * np.sign(grad[1:]))
-  assert np.all(error <= ulp(jnp.float16) * np.abs(weight[1:])), error
+  assert np.all(error <= machine_epsilon(jnp.float16) * np.abs(weight[1:])), error
+
+
+# --- The default state's dtypes and the float32 arithmetic ------------------
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_half_precision_keeps_the_bias_correction(dtype):
+  """In bf16, 1 - 0.999 rounds to 0 and eps = 1e-8 to 0 in fp16; the kernel
+  computes in float32, so the first step is -lr * sign(g) as the math says:
+  to 1% with the float32 state that float16 parameters get by default, and
+  to the rounding of z = -d w (half an ulp of the weight) in bfloat16."""
+  opt = optax_ftml.ftml(0.01)
+  params = jnp.array([1.0, -1.0, 0.5, 0.0], dtype)
+  grads = jnp.array([0.25, -3.0, 0.0, 1e-3], dtype)
+  updates, state = opt.update(grads, opt.init(params), params)
+  assert updates.dtype == dtype
+  state_dtype = jnp.float32 if dtype == jnp.float16 else dtype
+  assert all(x.dtype == state_dtype for x in (state.v, state.z, state.d_prev))
+  expected = np.array([-0.01, 0.01, 0.0, -0.01])
+  error = np.abs(np.asarray(updates, np.float32) - expected)
+  if dtype == jnp.float16:
+    np.testing.assert_array_less(error, 1e-2 * np.abs(expected) + 1e-9)
+  else:
+    ulp = float(jnp.finfo(dtype).eps) * np.abs(np.asarray(params, np.float32))
+    np.testing.assert_array_less(error, 0.5 * ulp + 1e-2 * np.abs(expected)
+                                 + 1e-9)
+
+
+@pytest.mark.parametrize("gradient", [0.0, 1e-3, 300.0])
+def test_float16_state_is_unsafe_hence_float32_by_default(gradient):
+  """Why float16 parameters get a float32 state unless told otherwise: d
+  scales as (|g| + eps) / lr and z as d * w, which float16 cannot hold. With
+  zero gradients d = eps (1 - b1**t) / lr is subnormal and z = -d w keeps a
+  few bits: the leader -z/d jitters until large weights overflow; with
+  |g| = 1e-3, (1 - b2) g**2 underflows to 0, d falls to eps / lr and the
+  steps explode; with |g| = 300 (lr = 0.0025) d overflows."""
+  w0 = jnp.array([-3.0, 1.0, 2.5, -6e4], jnp.float16)
+
+  def run(state_dtype):
+    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
+
+    def step(carry, _):
+      p, state = carry
+      updates, state = opt.update(jnp.full_like(p, gradient), state, p)
+      return (optax.apply_updates(p, updates), state), None
+
+    (w, state), _ = jax.jit(lambda p: jax.lax.scan(
+        step, (p, opt.init(p)), length=1000))(w0)
+    return np.asarray(w), state.v.dtype
+
+  float16_state, dtype = run(jnp.float16)
+  assert dtype == jnp.float16
+  assert not np.all(np.isfinite(float16_state))
+  default, dtype = run(None)
+  assert dtype == jnp.float32
+  with_float32_state, _ = run(jnp.float32)
+  np.testing.assert_array_equal(default, with_float32_state)
+  assert np.all(np.isfinite(default))
+  if gradient == 0:
+    np.testing.assert_array_equal(default, np.asarray(w0))
+
+
+def test_bfloat16_state_freezes_the_second_moment():
+  """bfloat16 keeps 8 bits: once v's decay by b2 = 0.999 per step is below
+  half an ulp, b2 * v rounds back to v. After the gradients shrink 100-fold
+  v stays ~8x too large (steps ~3x too small); a float32 state decays."""
+  grads = jnp.concatenate([jnp.ones((1000, 4)), jnp.full((3000, 4), 0.01)])
+
+  def final_v(state_dtype):
+    opt = optax_ftml.ftml(0.0025, state_dtype=state_dtype)
+    _, state = run(opt, jnp.zeros(4, jnp.bfloat16),
+                          grads.astype(jnp.bfloat16))
+    return np.asarray(state.v, np.float32)
+
+  # v after the 3000 small gradients: 0.999**3000 * v_1000 + ~1e-4.
+  v_1000 = 1 - 0.999**1000
+  exact = 0.999**3000 * v_1000 + 1e-4 * (1 - 0.999**3000)
+  np.testing.assert_allclose(final_v(jnp.float32), exact, rtol=1e-3)
+  assert np.all(final_v(jnp.bfloat16) > 5 * exact)
+
+
+# --- Hyperparameters injected as arrays ------------------------------------
+#
+# optax.inject_hyperparams stores hyperparameters in the parameters' dtype
+# unless told otherwise, and 0.999 is 1.0 in bfloat16: the bias correction
+# 1 - b2**t would then be 0 and the step 0/0.
+
+
+def test_bfloat16_turns_the_default_b2_into_one():
+  assert float(jnp.asarray(0.999, jnp.bfloat16)) == 1.0
+
+
+@pytest.mark.parametrize("dtype", HALF)
+def test_injected_half_precision_betas_are_refused_with_the_fix(dtype):
+  params = jnp.ones(3, dtype)
+  opt = optax.inject_hyperparams(optax_ftml.ftml)(learning_rate=0.01)
+  with pytest.raises(TypeError, match=r"b1 arrives as a .*16 array.*"
+                     r"hyperparam_dtype=jnp\.float32"):
+    opt.init(params)
+
+
+@pytest.mark.parametrize("name", ["b1", "b2"])
+@pytest.mark.parametrize("dtype", HALF)
+def test_each_half_precision_beta_is_named(name, dtype):
+  with pytest.raises(TypeError, match=rf"ftml: {name} arrives as a"):
+    optax_ftml.ftml(0.01, **{name: jnp.asarray(0.5, dtype)})
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_float32_and_wider_betas_pass(dtype):
+  with jax.enable_x64(dtype == jnp.float64):
+    optax_ftml.ftml(0.01, b1=jnp.asarray(0.6, dtype),
+                    b2=jnp.asarray(0.999, dtype))
+
+
+@pytest.mark.parametrize("dtype", HALF)
+@pytest.mark.parametrize("recompute_d_prev", [False, True])
+def test_hyperparam_dtype_float32_matches_plain_floats(dtype,
+                                                       recompute_d_prev):
+  """The recipe: 200 steps on half-precision parameters, bit for bit those
+  of ``ftml`` built with Python floats, and finite."""
+  rng = np.random.RandomState(0)
+  params = jnp.asarray(rng.randn(7), dtype)
+  grads = jnp.asarray(rng.randn(200, 7), dtype)
+  kwargs = dict(learning_rate=0.01, b1=0.6, b2=0.999,
+                recompute_d_prev=recompute_d_prev)
+  injected = optax.inject_hyperparams(
+      optax_ftml.ftml, static_args=("recompute_d_prev",),
+      hyperparam_dtype=jnp.float32)(**kwargs)
+  plain = optax_ftml.ftml(**kwargs)
+  ps, state = run(injected, params, grads)
+  expected, expected_state = run(plain, params, grads)
+  assert np.all(np.isfinite(ps.astype(np.float32)))
+  np.testing.assert_array_equal(ps, expected)
+  for x, y in zip(jax.tree.leaves(state.inner_state),
+                  jax.tree.leaves(expected_state), strict=True):
+    np.testing.assert_array_equal(x, y)
+  # The learning rate can be changed between steps, as the recipe is for.
+  state.hyperparams["learning_rate"] = jnp.asarray(0.001, jnp.float32)
+  updates, _ = injected.update(grads[0], state, jnp.asarray(ps[-1]))
+  assert np.all(np.isfinite(np.asarray(updates, np.float32)))
