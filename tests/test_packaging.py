@@ -66,3 +66,20 @@ def test_tests_import_the_installed_wheel():
     assert f"optax_ftml/{name}" in files
   assert any(file.endswith("licenses/LICENSE") for file in files)
   assert distribution.metadata["License-Expression"] == "Apache-2.0"
+
+
+# The test files that need the test-extras extra (Flax, Orbax, Sphinx,
+# Jupyter, MXNet's recordings); .ci/floors runs every other one.
+NEEDS_EXTRAS = {
+    "test_benchmarks.py", "test_checkpoint.py", "test_demo.py",
+    "test_flax.py", "test_multiprocess.py", "test_mxnet_recording.py",
+    "test_notebooks.py",
+}
+
+
+def test_floors_run_every_core_test_file():
+  floors = (ROOT / ".ci" / "floors").read_text()
+  listed = re.search(r"^core_tests=\((.*?)^\)", floors, re.M | re.S)[1].split()
+  present = {path.name for path in (ROOT / "tests").glob("test_*.py")}
+  assert set(listed) <= present, set(listed) - present
+  assert set(listed) == present - NEEDS_EXTRAS
