@@ -75,16 +75,23 @@ class _StepScalars(NamedTuple):
     """The scalars of the 1-based step ``t`` with learning rate ``lr``."""
     first = t == 0
     t = t.astype(real)
-    beta1, beta2 = jnp.asarray(b1, real), jnp.asarray(b2, real)
-    rate = jnp.asarray(lr, real)
+    # Python numbers would be compile-time constants, which XLA folds into the
+    # scalars with other roundings (pow, division by a constant) than the
+    # kernel's: the barrier makes them computed as for traced values, so a
+    # rate or beta given as a float, an injected or a traced array steps
+    # alike, bit for bit.
+    beta1, beta2, rate, eps = jax.lax.optimization_barrier(tuple(
+        jnp.asarray(x, real) for x in (b1, b2, lr, eps)))
     # As lr -> 0, d_t -> inf and the step vanishes, while z_t + d_t w_t = 0
     # (all the next step uses of z_t and d_t): the limit state is
     # z_t = d_t = 0. Taking d_t = 0 here leads there.
-    frozen = rate == 0
-    d_scale = jnp.where(frozen, 0, (1 - beta1**t) / jnp.where(frozen, 1, rate))
+    # A rate that is not a non-negative number (a schedule's or an injected
+    # value) makes the step NaN rather than a silent ascent or no-op.
+    positive = (rate > 0) & (rate < jnp.inf)
+    d_scale = jnp.where(positive, (1 - beta1**t) / jnp.where(positive, rate, 1),
+                        jnp.where(rate == 0, 0, jnp.nan))
     inv_bias2 = jnp.where(first, 0, 1 / (1 - beta2**t))
-    return cls(beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2,
-               jnp.asarray(eps, real))
+    return cls(beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2, eps)
 
 
 @functools.cache
@@ -338,39 +345,60 @@ def ftml(
 
     Apache MXNet, ``mxnet.optimizer.FTML`` (kernel ``ftml_update``).
   """
-  _validation.check_arguments(learning_rate, b1, b2, eps, state_dtype,
-                              recompute_d_prev)
-  if state_dtype is not None:
-    state_dtype = jax.dtypes.canonicalize_dtype(state_dtype)
+  state_dtype = _validation.check_arguments(learning_rate, b1, b2, eps,
+                                            state_dtype, recompute_d_prev)
+
+  def v_dtype(param_dtype):
+    return _dtypes.v_dtype(param_dtype, state_dtype)
+
+  def z_dtype(param_dtype):
+    return _dtypes.z_dtype(param_dtype, state_dtype)
+
+  def rate_dtype(params):
+    """The lean state's learning rate: the widest dtype the update computes
+    in."""
+    return _dtypes.widest(jnp.float32, *(
+        _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype, z_dtype(p.dtype)))
+        for p in jax.tree.leaves(params)))
 
   def init_fn(params: optax.Params) -> FTMLState | FTMLLeanState:
     _validation.check_params(params)
 
     # Separate zeros trees: buffers must not alias so that donating the state
     # to a jitted step can reuse each of them in place.
-    def zeros(dtype_of: Callable[[Any, Any], jnp.dtype]) -> optax.Updates:
-      return jax.tree.map(lambda p: jnp.zeros_like(
-          p, dtype=dtype_of(p.dtype, state_dtype)), params)
+    def zeros(dtype_of: Callable[[Any], jnp.dtype]) -> optax.Updates:
+      return jax.tree.map(
+          lambda p: jnp.zeros_like(p, dtype=dtype_of(p.dtype)), params)
 
     count = jnp.zeros([], jnp.int32)
-    v, z = zeros(_dtypes.v_dtype), zeros(_dtypes.z_dtype)
     if recompute_d_prev:
-      # The learning rate is kept in the widest dtype the update computes in.
-      real = _dtypes.widest(jnp.float32, *(
-          _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype, z_leaf.dtype))
-          for p, z_leaf in zip(jax.tree.leaves(params), jax.tree.leaves(z),
-                               strict=True)))
-      return FTMLLeanState(count, v, z, jnp.zeros([], real))
-    return FTMLState(count, v, z, d_prev=zeros(_dtypes.v_dtype))
+      return FTMLLeanState(count, zeros(v_dtype), zeros(z_dtype),
+                           jnp.zeros([], rate_dtype(params)))
+    return FTMLState(count, zeros(v_dtype), zeros(z_dtype), zeros(v_dtype))
 
   def update_fn(updates: optax.Updates, state: optax.OptState,
                 params: optax.Params | None = None, **extra_args: Any
                 ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
+    kind = FTMLLeanState if recompute_d_prev else FTMLState
+    if not isinstance(state, kind):
+      raise TypeError(
+          f"ftml: state must be the {kind.__name__} that init returns (with"
+          f" recompute_d_prev={recompute_d_prev}), got {type(state).__name__}.")
     state = cast(FTMLState | FTMLLeanState, state)
-    buffers = ((state.v, state.z) if isinstance(state, FTMLLeanState)
-               else (state.v, state.z, state.d_prev))
-    _validation.check_update(params, updates, buffers)
+    lean = isinstance(state, FTMLLeanState)
+    buffers = (state.v, state.z) if lean else (state.v, state.z, state.d_prev)
+    dtypes = (v_dtype, z_dtype, v_dtype)[:len(buffers)]
+    _validation.check_update(params, updates, dict(zip(
+        ("v", "z", "d_prev"), zip(buffers, dtypes, strict=True),
+        strict=False)), state.count)
+    if lean:
+      rate = state.prev_learning_rate
+      if jnp.shape(rate) != () or jnp.result_type(rate) != rate_dtype(params):
+        raise TypeError(
+            "ftml: state.prev_learning_rate must be a scalar of dtype"
+            f" {rate_dtype(params)}, got {jnp.result_type(rate)} of shape"
+            f" {jnp.shape(rate)}.")
 
     # The step's scalars, once per real dtype; the lean state recomputes
     # d_prev with the previous step's.
@@ -379,7 +407,7 @@ def ftml(
     now = functools.cache(
         lambda real: _StepScalars.at(count, lr, b1, b2, eps, real))
     before = None
-    if isinstance(state, FTMLLeanState):
+    if lean:
       previous = state
       before = functools.cache(lambda real: _StepScalars.at(
           previous.count, previous.prev_learning_rate, b1, b2, eps, real))
@@ -397,7 +425,7 @@ def ftml(
     def output(index):
       return tree.unflatten([step[index] for step in steps])
 
-    if isinstance(state, FTMLLeanState):
+    if lean:
       return output(0), FTMLLeanState(count, output(1), output(2), jnp.asarray(
           lr, state.prev_learning_rate.dtype))
     return output(0), FTMLState(count, output(1), output(2), output(3))

@@ -15,14 +15,6 @@ from optax_ftml import _validation
 from optax_ftml._ftml import ftml
 
 
-def _real(name: str, value: Any, minimum: float) -> float:
-  if isinstance(value, bool) or not isinstance(value, numbers.Real):
-    raise TypeError(f"mxnet_ftml: {name} must be a real number, got {value!r}.")
-  if not float(value) >= minimum:
-    raise ValueError(f"mxnet_ftml: {name} must be >= {minimum}, got {value!r}.")
-  return float(value)
-
-
 def _as_operator_parameter(value: Any) -> Any:
   """``value`` as MXNet's ``FTMLParam`` holds it: a C++ ``float``.
 
@@ -115,18 +107,28 @@ def mxnet_ftml(
     >>> state = opt.init(params)
     >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
   """
-  if mxnet_version not in (1, 2):
+  if isinstance(mxnet_version, bool) or mxnet_version not in (1, 2):
     raise ValueError(
         f"mxnet_ftml: mxnet_version must be 1 or 2, got {mxnet_version!r}.")
-  wd = _real("wd", wd, 0.0)
-  rescale_grad = _real("rescale_grad", rescale_grad, -float("inf"))
-  if clip_gradient is not None:
-    clip_gradient = _real("clip_gradient", clip_gradient, -float("inf"))
+  caller = "mxnet_ftml"
 
+  def concrete(value, name):
+    number = _validation.real_scalar(value, name, caller)
+    if number is None:
+      raise TypeError(f"{caller}: {name} must be a concrete number, not traced.")
+    return number
+
+  wd = concrete(wd, "wd")
+  _validation.check_range(wd, "wd", caller, 0.0, float("inf"), high_open=True)
+  rescale_grad = concrete(rescale_grad, "rescale_grad")
+  _validation.check_finite(rescale_grad, "rescale_grad", caller)
+  if clip_gradient is not None:
+    clip_gradient = concrete(clip_gradient, "clip_gradient")
+    _validation.check_finite(clip_gradient, "clip_gradient", caller)
+  names = ("learning_rate", "beta1", "beta2", "epsilon")
   # The caller's values, so that errors quote them unrounded.
-  _validation.check_hyperparameters(
-      learning_rate, beta1, beta2, epsilon, caller="mxnet_ftml",
-      names=("beta1", "beta2", "epsilon"))
+  _validation.check_hyperparameters(learning_rate, beta1, beta2, epsilon,
+                                    caller=caller, names=names)
 
   def group(lr_multiplier: float,
             wd_multiplier: float) -> optax.GradientTransformationExtraArgs:
@@ -149,16 +151,33 @@ def mxnet_ftml(
   if lr_mult is None and wd_mult is None:
     return group(1.0, 1.0)
 
-  def pair(lr_multiplier, wd_multiplier):
-    return (_real("lr_mult", lr_multiplier, 0.0),
-            _real("wd_mult", wd_multiplier, 0.0))
+  def multipliers(tree, name):
+    def checked(path, multiplier):
+      leaf_name = f"{name}{jax.tree_util.keystr(path)}"
+      multiplier = concrete(multiplier, leaf_name)
+      _validation.check_range(multiplier, leaf_name, caller, 0.0,
+                              float("inf"), high_open=True)
+      return multiplier
+    return jax.tree_util.tree_map_with_path(checked, tree)
 
-  if lr_mult is None:
-    pairs = jax.tree.map(lambda m: pair(1.0, m), wd_mult)
-  elif wd_mult is None:
-    pairs = jax.tree.map(lambda m: pair(m, 1.0), lr_mult)
-  else:
-    pairs = jax.tree.map(pair, lr_mult, wd_mult)
+  def pair(path, lr_multiplier, wd_multiplier):
+    """The multipliers of one parameter, their products checked as the
+    operator receives them."""
+    where = jax.tree_util.keystr(path)
+    if lr_multiplier and not callable(learning_rate):
+      _validation.check_hyperparameters(
+          learning_rate * lr_multiplier, beta1, beta2, epsilon, caller=caller,
+          names=(f"learning_rate * lr_mult{where}", *names[1:]))
+    _validation.check_finite(wd * wd_multiplier, f"wd * wd_mult{where}",
+                             caller)
+    return lr_multiplier, wd_multiplier
+
+  ones = lambda tree: jax.tree.map(lambda _: 1.0, tree)
+  lr_mults = multipliers(ones(wd_mult) if lr_mult is None else lr_mult,
+                         "lr_mult")
+  wd_mults = multipliers(ones(lr_mult) if wd_mult is None else wd_mult,
+                         "wd_mult")
+  pairs = jax.tree_util.tree_map_with_path(pair, lr_mults, wd_mults)
   is_pair = lambda x: isinstance(x, tuple) and len(x) == 2 and all(
       isinstance(m, float) for m in x)
   label = lambda p: f"lr_mult={p[0]},wd_mult={p[1]}"

@@ -118,23 +118,3 @@ def test_falsy_or_negative_clip_disables_clipping(problem, disabled):
   chex.assert_trees_all_equal(
       run(mxnet_ftml(0.01, clip_gradient=disabled), params, noise,
           noisy_pull(target))[0], unclipped)
-
-
-@pytest.mark.parametrize("kwargs, error, match", [
-    (dict(mxnet_version=3), ValueError, "mxnet_version must be 1 or 2"),
-    (dict(wd=-0.1), ValueError, "wd must be >= 0"),
-    (dict(wd="0.1"), TypeError, "wd must be a real number"),
-    (dict(rescale_grad=None), TypeError, "rescale_grad"),
-    (dict(clip_gradient="5"), TypeError, "clip_gradient"),
-    (dict(lr_mult={"w": -1.0}), ValueError, "lr_mult must be >= 0"),
-    (dict(wd_mult={"w": "x"}), TypeError, "wd_mult"),
-    (dict(beta1=1.2), ValueError, "mxnet_ftml: beta1 must be in"),
-    (dict(beta2=1 - 1e-9), ValueError, "mxnet_ftml: beta2=.* rounds to 1.0"),
-    (dict(epsilon=-1e-8), ValueError, "mxnet_ftml: epsilon must be in"),
-    (dict(epsilon="1e-8"), TypeError, "mxnet_ftml: epsilon must be a real"),
-    (dict(learning_rate=0.0), ValueError, "mxnet_ftml: a constant learning_rate"),
-    (dict(learning_rate=-1.0), ValueError, "mxnet_ftml: learning_rate must be"),
-])
-def test_bad_arguments(kwargs, error, match):
-  with pytest.raises(error, match=match):
-    mxnet_ftml(**kwargs)
