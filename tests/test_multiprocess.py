@@ -2,10 +2,11 @@
 
 Every scenario runs tests/multiprocess_training.py with optax_ftml.launch (2
 processes x 2 CPU devices, 1 x 4, 4 x 1, 1 x 2) and compares what process 0
-wrote. Cross-process collectives may sum in another order than one process's,
-so training is compared to float32 rounding; FTML's update alone has no
-reduction and is compared bitwise, and so is a resumed run with the run it
-continues (same processes, same reductions).
+wrote; the scaling guide's program and the scale-out notebook's code run on
+2 x 2 and check themselves. Cross-process collectives may sum in another order
+than one process's, so training is compared to float32 rounding; FTML's update
+alone has no reduction and is compared bitwise, and so is a resumed run with
+the run it continues (same processes, same reductions).
 """
 
 import dataclasses
@@ -16,13 +17,15 @@ import re
 import sys
 import time
 
+import nbformat
 import numpy as np
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
 import optax_ftml
 from optax_ftml import launch
 
-pytestmark = pytest.mark.extras  # Orbax
+pytestmark = pytest.mark.extras  # Orbax, nbformat, IPython
 
 WORKER = pathlib.Path(__file__).parent / "multiprocess_training.py"
 SAVE_AT = 6
@@ -217,3 +220,43 @@ def test_the_scaling_guides_program_runs_on_two_processes(tmp_path,
   for index in range(2):
     assert re.search(rf"^\[{index}\] process {index} of 2: loss \d", log.getvalue(),
                      re.M), log.getvalue()[-2000:]
+
+
+NOTEBOOK = pathlib.Path(__file__).parent.parent / "colabs" / "scale_out.ipynb"
+
+
+def test_the_scale_out_notebook_runs_on_two_processes(tmp_path, monkeypatch):
+  """The notebook's code cells as one program on 2 processes x 2 devices.
+
+  Its data-parallel and sharded runs span both processes, each process feeding
+  its own examples, and its own checks hold in every process: the first loss
+  equals the single-device run's to float32 rounding, and FTML's update alone,
+  sharded, is the single-device update to the bit.
+  """
+  notebook = nbformat.read(NOTEBOOK, as_version=4)
+  # As IPython runs each cell: magics (the install cell's %pip) become Python.
+  to_python = TransformerManager().transform_cell
+  script = tmp_path / "scale_out.py"
+  script.write_text("\n".join(to_python(cell.source) for cell in notebook.cells
+                              if cell.cell_type == "code"))
+  monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
+      [str(pathlib.Path(optax_ftml.__file__).parent.parent),
+       os.environ.get("PYTHONPATH", "")]))
+  monkeypatch.setenv("OPTAX_FTML_NOTEBOOK_STEPS", "30")
+  start = time.monotonic()
+  log = io.StringIO()
+  status = launch.run([sys.executable, str(script)], processes=2,
+                      cpu_devices=2, timeout=TIMEOUT, output=log)
+  output = log.getvalue()
+  print(f"2 processes in {time.monotonic() - start:.0f} s")
+  assert status == 0, output[-5000:]
+  for index in range(2):
+    lines = "\n".join(re.findall(rf"^\[{index}\] (.*)$", output, re.M))
+    assert re.search(rf"process {index} of 2, 4 devices", lines), lines
+    first_losses = re.findall(r"vs single device: first loss within (\S+),", lines)
+    assert len(first_losses) == 2, lines  # data parallel, sharded parameters
+    assert "update alone, sharded vs one device: 0 of" in lines, lines
+    print(f"process {index}: first losses within {first_losses} of one device's")
+  # Python warnings print as "<file>:<line>: SomeWarning: ..."; the notebook
+  # test treats them as errors, and so does this one.
+  assert not re.search(r"\w+Warning: ", output), output[-5000:]
