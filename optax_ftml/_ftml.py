@@ -299,7 +299,8 @@ def ftml(
 
   Args:
     learning_rate: a positive float, or a schedule mapping the update count to
-      a learning rate (a step where the schedule returns 0 is a no-op).
+      a learning rate (a step where the schedule returns 0 is a no-op; a
+      negative or non-finite value makes that step's update NaN).
     b1: decay of the linear term, in [0, 1). MXNet's ``beta1``.
     b2: decay of the squared-gradient average, in [0, 1). MXNet's ``beta2``.
     eps: non-negative term added to the root of the second moment. MXNet's
@@ -319,9 +320,12 @@ def ftml(
     ``update`` requires ``params``.
 
   Raises:
-    TypeError: if a hyperparameter has the wrong type, or ``state_dtype`` is
-      not a floating dtype.
-    ValueError: if a concrete hyperparameter is out of range.
+    TypeError: if a hyperparameter is not a real scalar, or ``state_dtype``
+      not a floating dtype; at ``init`` and ``update``, for parameters,
+      gradients or a state of dtypes FTML cannot compute with.
+    ValueError: if a concrete hyperparameter (a number or an array) is out of
+      range, or would overflow or underflow FTML's float32 arithmetic
+      (:ref:`the limits <input-limits>`).
 
   Examples:
     >>> import jax, jax.numpy as jnp, optax

@@ -581,7 +581,7 @@ def test_a_long_step_list_is_one_comparison():
     ({"lr": bytearray(b"\x01"), "lr_scheduler": None}, "lr is a bytearray"),
     ({"lr": 0.0, "lr_scheduler": None}, "learning_rate must be > 0"),
     ({"beta2": np.array([1.0])}, "beta2 is a ndarray"),
-    ({"beta2": 1.0}, r"beta2 must be in \[0.0, 1.0\)"),
+    ({"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1.0"),
     ({"epsilon": "1e-8"}, "epsilon is '1e-8'"),
     ({"num_update": -5}, r"num_update is -5; .* \[0, 2\*\*31\)"),
     ({"multi_precision": True}, "multi_precision=True, which is not supported"),
