@@ -65,8 +65,8 @@ def real_scalar(value: Any, name: str, caller: str) -> float | None:
   if not (jnp.issubdtype(dtype, jnp.floating)
           or jnp.issubdtype(dtype, jnp.integer)):
     raise TypeError(
-        f"{caller}: {name} must be a real number, got a {jnp.dtype(dtype)}"
-        " array.")
+        f"{caller}: {name} must be a real number, got an array of dtype"
+        f" {jnp.dtype(dtype)}.")
   try:
     return float(value)
   except jax.errors.ConcretizationTypeError:  # traced

@@ -88,7 +88,7 @@ def refused(error, message):
     (dict(b1=0.5 + 0j), TypeError,
      "ftml: b1 must be a real number or a 0-d array, got (0.5+0j) (complex)."),
     (dict(b1=np.complex64(0.5)), TypeError,
-     "ftml: b1 must be a real number, got a complex64 array."),
+     "ftml: b1 must be a real number, got an array of dtype complex64."),
     (dict(b2=np.array(1.0)), ValueError, "ftml: b2 must be in [0, 1), got 1.0."),
     (dict(b2=jnp.array(1.5)), ValueError, "ftml: b2 must be in [0, 1), got 1.5."),
     (dict(b2="0.999"), TypeError, "ftml: b2 must be a real number or a 0-d"),
