@@ -65,13 +65,15 @@ def test_python_blocks_run(block, request):
 def test_site_builds_without_warnings(tmp_path):
   # -W: every warning (a broken reference, a docstring that does not render)
   # fails the build; --keep-going reports all of them first. The build
-  # executes the notebooks, with short training runs here.
+  # executes the notebooks; here only the quickstart, with short training
+  # runs (test_notebooks.py runs every notebook).
   result = subprocess.run(
       [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
        "html", "-d", str(tmp_path / "doctrees"), str(DOCS),
        str(tmp_path / "html")],
       capture_output=True, text=True, timeout=900, check=False,
-      env={**os.environ, "OPTAX_FTML_NOTEBOOK_STEPS": "30"})
+      env={**os.environ, "OPTAX_FTML_DOCS_EXECUTE": "quickstart",
+           "OPTAX_FTML_NOTEBOOK_STEPS": "30"})
   assert result.returncode == 0, result.stderr
   site = tmp_path / "html"
 
@@ -91,15 +93,13 @@ def test_site_builds_without_warnings(tmp_path):
   body = body[:body.index("</article>")]
   assert "toctree-l1" not in body and body.count("<a ") < 10
 
-  # Each notebook page shows what its cells printed (and plotted).
-  for notebook, printed in [("quickstart", "test accuracy"),
-                            ("migrating_from_mxnet", "max relative difference"),
-                            ("scale_out", "test accuracy")]:
-    page = (site / "notebooks" / f"{notebook}.html").read_text()
-    outputs = re.findall(r'<div class="cell_output docutils container">(.*?)'
-                         r'</div>\s*</div>', page, re.S)
-    assert any(printed in output for output in outputs), notebook
+  # An executed notebook's page shows what its cells printed and plotted.
+  for notebook in ("quickstart", "migrating_from_mxnet", "scale_out"):
+    assert (site / "notebooks" / f"{notebook}.html").exists()
   quickstart = (site / "notebooks" / "quickstart.html").read_text()
+  outputs = re.findall(r'<div class="cell_output docutils container">(.*?)'
+                       r'</div>\s*</div>', quickstart, re.S)
+  assert any("test accuracy" in output for output in outputs)
   images = re.findall(r'<img alt="[^"]*" src="\.\./(_images/\w+\.png)"',
                       quickstart)
   assert images and all((site / image).exists() for image in images)
