@@ -19,6 +19,7 @@ which the table flags).
 
     python benchmarks/convergence.py            # the full run (minutes)
     python benchmarks/convergence.py --quick    # a smoke run
+    python benchmarks/convergence.py --plot-only  # the plots, from the JSON
 
 Writes ``convergence.md``, ``convergence.json`` and one PNG of training
 curves per task to ``--out`` (``benchmarks/results``).
@@ -346,6 +347,19 @@ def markdown(results, seeds, versions, on) -> str:
   return "\n".join(lines) + "\n"
 
 
+def geometric_band(mean, std):
+  """Geometric centre and factor of the seeds' losses, from their mean and std.
+
+  On a log axis, mean ± std runs below zero (off the axis) wherever a seed's
+  spike makes std exceed the mean. The log-normal with this mean and standard
+  deviation gives a centre and a multiplicative spread instead: the band
+  ``centre / factor`` to ``centre * factor`` is positive, and close to
+  mean ± std where the seeds agree.
+  """
+  log_variance = np.log1p((std / mean) ** 2)
+  return mean * np.exp(-log_variance / 2), np.exp(np.sqrt(log_variance))
+
+
 def plot(results, out: pathlib.Path):
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
@@ -356,13 +370,14 @@ def plot(results, out: pathlib.Path):
     window = max(1, row["steps"] // 40)
     for name, r in row["optimizers"].items():
       mean, std = np.asarray(r["curve_mean"]), np.asarray(r["curve_std"])
-      m, s = smooth(mean, window), smooth(std, window)
-      x = np.arange(len(m)) + window
-      ax.plot(x, m, label=f"{name} (lr {r['learning_rate']:g})")
-      ax.fill_between(x, m - s, m + s, alpha=0.2)
+      centre, factor = geometric_band(smooth(mean, window), smooth(std, window))
+      x = np.arange(len(centre)) + window
+      ax.plot(x, centre, label=f"{name} (lr {r['learning_rate']:g})")
+      ax.fill_between(x, centre / factor, centre * factor, alpha=0.2)
     ax.set(title=task, xlabel="step",
            ylabel=f"training loss ({row['unit']}, smoothed)", yscale="log")
-    ax.legend()
+    ax.legend(title="geometric mean and spread over the seeds",
+              title_fontsize="small", fontsize="small")
     fig.tight_layout()
     path = out / f"convergence_{index + 1}.png"
     fig.savefig(path, dpi=100)
@@ -375,9 +390,17 @@ def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true",
                       help="few steps and seeds (a smoke run)")
+  parser.add_argument("--plot-only", action="store_true",
+                      help="redraw the plots from --out's convergence.json,"
+                      " without training")
   parser.add_argument("--out", type=pathlib.Path, default=RESULTS,
                       help="directory for the table, the numbers and the plots")
   args = parser.parse_args(argv)
+  if args.plot_only:
+    recorded = json.loads((args.out / "convergence.json").read_text())
+    for path in plot(recorded["results"], args.out):
+      print(f"wrote {path}")
+    return
   results, seeds = benchmark(args.quick)
   args.out.mkdir(parents=True, exist_ok=True)
   versions, on = package_versions(), machine.description()

@@ -15,243 +15,44 @@ Runs unchanged on CPU, GPU and TPU (whatever ``jax.default_backend()`` is).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import math
 import os
-import sys
-import time
 from collections.abc import Callable
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
+if TYPE_CHECKING:
+  from optax_ftml._demo import RunResult
 
-try:
-  import sklearn.datasets
-  import sklearn.model_selection
-  import tqdm
-  from flax import nnx
-  from matplotlib.figure import Figure
-except ImportError as error:
-  raise ImportError(
-      f"The demo needs {error.name}: pip install \"optax_ftml[demo]\"") from error
-
-from optax_ftml import ftml
-
-# Optimizers by name, with the learning rate each gets unless --lr says
-# otherwise (the optimizer's usual default, tuned where it had none).
-OPTIMIZERS: dict[str, tuple[Callable[[float], optax.GradientTransformation],
-                            float]] = {
-    "ftml": (ftml, 0.0025),
-    "adam": (optax.adam, 0.001),
-    "adamw": (optax.adamw, 0.001),
-    "nadam": (optax.nadam, 0.001),
-    "adabelief": (optax.adabelief, 0.001),
-    "rmsprop": (optax.rmsprop, 0.001),
-    "adagrad": (optax.adagrad, 0.05),
-    "lion": (optax.lion, 0.0003),
-    "sgd": (optax.sgd, 0.1),
-    "momentum": (lambda lr: optax.sgd(lr, momentum=0.9), 0.02),
+# The optimizers the demo offers (optax_ftml._demo.OPTIMIZERS builds them),
+# with the learning rate each gets unless --lr says otherwise: the optimizer's
+# usual default, tuned where it had none.
+LEARNING_RATES = {
+    "ftml": 0.0025,
+    "adam": 0.001,
+    "adamw": 0.001,
+    "nadam": 0.001,
+    "adabelief": 0.001,
+    "rmsprop": 0.001,
+    "adagrad": 0.05,
+    "lion": 0.0003,
+    "sgd": 0.1,
+    "momentum": 0.02,
 }
-
-NUM_CLASSES = 10
+# scikit-learn's 1797 digits less the 360 (20%) of the test split.
+TRAINING_EXAMPLES = 1437
 MAX_SEED = 2**32 - 1
 
 
-@dataclasses.dataclass(frozen=True)
-class Digits:
-  """The digits data set, split into training and test images and labels."""
+def _positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+  noun = "an integer" if kind is int else "a number"
 
-  train_images: np.ndarray
-  train_labels: np.ndarray
-  test_images: np.ndarray
-  test_labels: np.ndarray
-
-
-def load_digits(test_fraction: float = 0.2, seed: int = 0) -> Digits:
-  """scikit-learn's 1797 8x8 digits as NHWC float32 in [0, 1], stratified split."""
-  pixels, digits = sklearn.datasets.load_digits(return_X_y=True)
-  images = (np.asarray(pixels) / 16.0).astype(np.float32).reshape(-1, 8, 8, 1)
-  labels = np.asarray(digits, np.int32)
-  train_images, test_images, train_labels, test_labels = (
-      np.asarray(part) for part in sklearn.model_selection.train_test_split(
-          images, labels, test_size=test_fraction, random_state=seed,
-          stratify=labels))
-  return Digits(train_images, train_labels, test_images, test_labels)
-
-
-class CNN(nnx.Module):
-  """Two 3x3 convolutions, max pooling and a linear classifier."""
-
-  def __init__(self, rngs: nnx.Rngs, features: tuple[int, int] = (16, 32)):
-    self.conv1 = nnx.Conv(1, features[0], kernel_size=(3, 3), rngs=rngs)
-    self.conv2 = nnx.Conv(features[0], features[1], kernel_size=(3, 3),
-                          rngs=rngs)
-    self.head = nnx.Linear(4 * 4 * features[1], NUM_CLASSES, rngs=rngs)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    x = nnx.relu(self.conv1(x))
-    x = nnx.max_pool(nnx.relu(self.conv2(x)), window_shape=(2, 2),
-                     strides=(2, 2))
-    return self.head(x.reshape(x.shape[0], -1))
-
-
-def loss_fn(model: CNN, images: jax.Array, labels: jax.Array) -> jax.Array:
-  logits = model(images)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-@nnx.jit
-def train_step(model: CNN, optimizer: nnx.Optimizer, images: jax.Array,
-               labels: jax.Array) -> jax.Array:
-  loss, grads = nnx.value_and_grad(loss_fn)(model, images, labels)
-  optimizer.update(model, grads)
-  return loss
-
-
-@nnx.jit
-def evaluate(model: CNN, images: jax.Array,
-             labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Mean loss and accuracy over the given images."""
-  logits = model(images)
-  loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  return loss, jnp.mean(jnp.argmax(logits, axis=-1) == labels)
-
-
-def batch_indices(num_examples: int, batch_size: int, steps: int,
-                  seed: int) -> np.ndarray:
-  """Indices of every batch, shape ``(steps, batch_size)``.
-
-  Each epoch visits the examples in a fresh random order; the last incomplete
-  batch of an epoch is dropped so that every step has the same shape.
-  """
-  rng = np.random.default_rng(seed)
-  per_epoch = num_examples // batch_size
-  epochs = -(-steps // per_epoch)
-  orders = [rng.permutation(num_examples)[:per_epoch * batch_size]
-            for _ in range(epochs)]
-  return np.concatenate(orders).reshape(-1, batch_size)[:steps]
-
-
-@dataclasses.dataclass
-class RunResult:
-  """What one optimizer's run produced."""
-
-  name: str
-  learning_rate: float
-  losses: np.ndarray  # training loss of every batch
-  eval_steps: np.ndarray
-  test_accuracies: np.ndarray
-  train_loss: float  # over the whole training set, after the last step
-  test_accuracy: float
-  steps_per_second: float  # NaN after one step: no step is timed
-
-
-def train(name: str, learning_rate: float, data: Digits, steps: int,
-          batch_size: int, seed: int, num_evals: int = 20,
-          progress: bool = True) -> RunResult:
-  """Trains a fresh :class:`CNN` with one optimizer; the seed fixes everything."""
-  make_optimizer, _ = OPTIMIZERS[name]
-  model = CNN(nnx.Rngs(seed))
-  optimizer = nnx.Optimizer(model, make_optimizer(learning_rate),
-                            wrt=nnx.Param)
-  train_images = jnp.asarray(data.train_images)
-  train_labels = jnp.asarray(data.train_labels)
-  test = (jnp.asarray(data.test_images), jnp.asarray(data.test_labels))
-  indices = batch_indices(len(data.train_labels), batch_size, steps, seed)
-  eval_every = max(1, steps // num_evals)
-
-  # Evaluating the initial model also compiles `evaluate` outside the timing.
-  losses, eval_steps, accuracies = [], [0], [evaluate(model, *test)[1]]
-  first_step_done = time.perf_counter()
-  bar = tqdm.tqdm(range(steps), desc=f"{name:>9}", unit="step",
-                  disable=not progress, file=sys.stdout)
-  for step in bar:
-    batch = jnp.asarray(indices[step])
-    losses.append(train_step(model, optimizer, train_images[batch],
-                             train_labels[batch]))
-    if step == 0:
-      # Timing starts once the training step is compiled and has run once.
-      losses[0].block_until_ready()
-      first_step_done = time.perf_counter()
-    if (step + 1) % eval_every == 0 or step + 1 == steps:
-      eval_steps.append(step + 1)
-      accuracies.append(evaluate(model, *test)[1])
-      bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
-                      test_acc=f"{float(accuracies[-1]):.3f}")
-  losses = np.asarray(jax.device_get(jnp.stack(losses)))
-  elapsed = time.perf_counter() - first_step_done
-  bar.close()
-
-  train_loss, _ = evaluate(model, train_images, train_labels)
-  _, test_accuracy = evaluate(model, *test)
-  return RunResult(
-      name=name, learning_rate=learning_rate, losses=losses,
-      eval_steps=np.asarray(eval_steps),
-      test_accuracies=np.asarray(jax.device_get(jnp.stack(accuracies))),
-      train_loss=float(train_loss), test_accuracy=float(test_accuracy),
-      steps_per_second=(steps - 1) / elapsed if steps > 1 else math.nan)
-
-
-def smooth(values: np.ndarray, window: int) -> np.ndarray:
-  """Moving average over ``window`` steps (shorter at the start)."""
-  cumulative = np.cumsum(np.insert(values, 0, 0.0))
-  ends = np.arange(1, len(values) + 1)
-  starts = np.maximum(ends - window, 0)
-  return (cumulative[ends] - cumulative[starts]) / (ends - starts)
-
-
-def plot(results: Sequence[RunResult], path: str, title: str) -> None:
-  """Writes the smoothed training losses and the test accuracies as a PNG."""
-  # A Figure without pyplot renders with Agg and leaves pyplot's backend alone.
-  fig = Figure(figsize=(11, 4))
-  loss_ax, acc_ax = fig.subplots(1, 2)
-  for result in results:
-    label = f"{result.name} (lr={result.learning_rate:g})"
-    window = max(1, len(result.losses) // 50)
-    steps = np.arange(1, len(result.losses) + 1)
-    loss_ax.plot(steps, smooth(result.losses, window), label=label)
-    acc_ax.plot(result.eval_steps, result.test_accuracies, marker=".",
-                label=label)
-  loss_ax.set(xlabel="step", ylabel="training loss (moving average)",
-              yscale="log", title="Training loss")
-  acc_ax.set(xlabel="step", ylabel="test accuracy", title="Test accuracy")
-  acc_ax.set_ylim(top=1)
-  for ax in (loss_ax, acc_ax):
-    ax.grid(alpha=0.3)
-    ax.legend()
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path, format="png", dpi=120)
-
-
-def format_table(results: Sequence[RunResult]) -> str:
-  header = ("optimizer", "learning rate", "final train loss", "test accuracy",
-            "steps/s")
-  # A run of one step has no timed step: its speed is shown as "-".
-  rows = [(r.name, f"{r.learning_rate:g}", f"{r.train_loss:.4f}",
-           f"{100 * r.test_accuracy:.2f}%",
-           f"{r.steps_per_second:.0f}" if math.isfinite(r.steps_per_second)
-           else "-")
-          for r in results]
-  widths = [max(len(row[i]) for row in (header, *rows))
-            for i in range(len(header))]
-  line = lambda row: "  ".join(
-      cell.ljust(w) if i == 0 else cell.rjust(w)
-      for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-  return "\n".join([line(header), "  ".join("-" * w for w in widths),
-                    *map(line, rows)])
-
-
-def _positive(kind: type) -> Callable[[str], int | float]:
   def parse(text: str):
     try:
       value = kind(text)
     except ValueError:
       raise argparse.ArgumentTypeError(
-          f"expected a {kind.__name__}, got {text!r}") from None
+          f"expected {noun}, got {text!r}") from None
     if not (value > 0 and math.isfinite(value)):
       raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
@@ -276,10 +77,10 @@ def _learning_rate(text: str) -> tuple[str, float]:
   if not sep:
     raise argparse.ArgumentTypeError(
         f"expected OPTIMIZER=RATE (e.g. ftml=0.0025), got {text!r}")
-  if name not in OPTIMIZERS:
+  if name not in LEARNING_RATES:
     raise argparse.ArgumentTypeError(
         f"unknown optimizer {name!r} in {text!r}; choose from"
-        f" {', '.join(OPTIMIZERS)}")
+        f" {', '.join(LEARNING_RATES)}")
   return name, _positive(float)(value)
 
 
@@ -292,12 +93,12 @@ def make_parser() -> argparse.ArgumentParser:
       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument(
       "--optimizers", nargs="+", default=["ftml", "adam"],
-      choices=list(OPTIMIZERS), metavar="NAME",
-      help=f"optimizers to compare, from: {', '.join(OPTIMIZERS)}")
+      choices=list(LEARNING_RATES), metavar="NAME",
+      help=f"optimizers to compare, from: {', '.join(LEARNING_RATES)}")
   parser.add_argument(
       "--lr", nargs="+", default=[], type=_learning_rate, metavar="NAME=RATE",
       help="learning rates, e.g. ftml=0.0025 adam=0.001; defaults: "
-      + ", ".join(f"{n}={lr:g}" for n, (_, lr) in OPTIMIZERS.items()))
+      + ", ".join(f"{n}={lr:g}" for n, lr in LEARNING_RATES.items()))
   parser.add_argument("--steps", type=_positive(int), default=2000,
                       help="training steps per optimizer")
   parser.add_argument("--batch-size", type=_positive(int), default=64,
@@ -322,7 +123,10 @@ def parse_args(parser: argparse.ArgumentParser,
   if unused:
     parser.error(f"--lr given for {', '.join(sorted(unused))}, which is not"
                  " among --optimizers")
-  args.lr = dict(args.lr)
+  args.lr = {**LEARNING_RATES, **dict(args.lr)}
+  if args.batch_size > TRAINING_EXAMPLES:
+    parser.error(f"--batch-size {args.batch_size} exceeds the"
+                 f" {TRAINING_EXAMPLES} training examples")
 
   if not args.output.lower().endswith(".png"):
     parser.error(f"--output must name a .png file, got {args.output!r}")
@@ -339,33 +143,20 @@ def parse_args(parser: argparse.ArgumentParser,
 
 
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
-  parser = make_parser()
-  args = parse_args(parser, argv)
-  data = load_digits(seed=args.seed)
-  steps_per_epoch = len(data.train_labels) // args.batch_size
-  if steps_per_epoch == 0:
-    parser.error(f"--batch-size {args.batch_size} exceeds the"
-                 f" {len(data.train_labels)} training examples")
-  device = jax.devices()[0]
-  print(f"JAX {jax.__version__}, backend {jax.default_backend()}"
-        f" ({jax.device_count()} x {device.device_kind}); digits:"
-        f" {len(data.train_labels)} training / {len(data.test_labels)} test"
-        f" images; {args.steps} steps of batch {args.batch_size}"
-        f" ({args.steps / steps_per_epoch:.1f} epochs), seed {args.seed}")
+  args = parse_args(make_parser(), argv)
+  # Imported once the flags are known to be good: --help and a bad flag answer
+  # at once, without the seconds JAX, Flax and scikit-learn take to import.
+  from optax_ftml import _demo
+  return _demo.run(args)
 
-  results = [
-      train(name, args.lr.get(name, OPTIMIZERS[name][1]), data, args.steps,
-            args.batch_size, args.seed, progress=not args.no_progress)
-      for name in args.optimizers]
 
-  print()
-  print(format_table(results))
-  print(f"JAX backend: {jax.default_backend()} ({device.device_kind})")
-  plot(results, args.output,
-       f"Flax NNX CNN on the digits data set, batch {args.batch_size},"
-       f" seed {args.seed}")
-  print(f"Loss curves written to {args.output}")
-  return results
+def __getattr__(name: str):
+  # The training code's names (load_digits, CNN, train_step, ...), as
+  # optax_ftml.demo.<name> for the notebooks and tests that use them.
+  if name.startswith("__"):
+    raise AttributeError(name)
+  from optax_ftml import _demo
+  return getattr(_demo, name)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,9 @@ import pathlib
 import subprocess
 import sys
 
+import convergence  # benchmarks/, on pytest's pythonpath
+import numpy as np
+
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
 
@@ -80,3 +83,26 @@ def test_convergence_benchmark_writes_its_table_numbers_and_plots(tmp_path):
   pngs = sorted(tmp_path.glob("convergence_*.png"))
   assert len(pngs) == 3
   assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+  # The plots are redrawn from the JSON alone.
+  for png in pngs:
+    png.unlink()
+  subprocess.run([sys.executable, str(BENCHMARKS / "convergence.py"),
+                  "--plot-only", "--out", str(tmp_path)], check=True,
+                 capture_output=True, timeout=300)
+  assert sorted(tmp_path.glob("convergence_*.png")) == pngs
+
+
+def test_convergence_bands_stay_positive_on_a_log_axis():
+  # One seed's spike: the standard deviation exceeds the mean, and mean - std
+  # would fall below zero; where the seeds agree, the band is mean +- std.
+  mean, std = np.array([1e-3, 1.0]), np.array([3e-3, 1e-3])
+  centre, factor = convergence.geometric_band(mean, std)
+  lower, upper = centre / factor, centre * factor
+  assert np.all(lower > 0) and np.all(lower < mean) and np.all(mean < upper)
+  np.testing.assert_allclose([lower[1], upper[1]], [1 - 1e-3, 1 + 1e-3],
+                             rtol=1e-5)
+  # Log-normal with that mean and standard deviation.
+  sigma = np.log(factor)
+  np.testing.assert_allclose(centre * np.exp(sigma**2 / 2), mean)
+  np.testing.assert_allclose(
+      np.sqrt(np.expm1(sigma**2)) * centre * np.exp(sigma**2 / 2), std)

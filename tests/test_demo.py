@@ -6,6 +6,7 @@ import sys
 import numpy as np
 import pytest
 
+import optax_ftml
 from optax_ftml import demo
 
 
@@ -17,7 +18,7 @@ def test_short_run_prints_table_and_writes_png(tmp_path, capsys):
       "--output", str(output), "--no-progress"])
 
   assert [r.name for r in results] == ["ftml", "sgd"]
-  assert [r.learning_rate for r in results] == [0.01, demo.OPTIMIZERS["sgd"][1]]
+  assert [r.learning_rate for r in results] == [0.01, demo.LEARNING_RATES["sgd"]]
   # Same initial weights and first batch for every optimizer.
   assert results[0].losses[0] == results[1].losses[0]
   for result in results:
@@ -57,6 +58,7 @@ def test_batches_cover_each_epoch_once():
 def test_digits_split_is_stratified_and_scaled():
   data = demo.load_digits()
   assert data.train_images.shape == (1437, 8, 8, 1)
+  assert len(data.train_labels) == demo.TRAINING_EXAMPLES  # --batch-size's bound
   assert data.test_images.shape == (360, 8, 8, 1)
   assert data.train_images.dtype == np.float32
   assert 0 <= data.train_images.min() and data.train_images.max() <= 1
@@ -68,12 +70,12 @@ def test_digits_split_is_stratified_and_scaled():
     (["--optimizers", "ftml", "ftml"], "may appear only once"),
     (["--lr", "ftml=0"], "must be positive, got 0"),
     (["--lr", "ftml=-1e-3"], "must be positive"),
-    (["--lr", "ftml=fast"], "expected a float"),
+    (["--lr", "ftml=fast"], "expected a number, got 'fast'"),
     (["--lr", "0.01"], "expected OPTIMIZER=RATE"),
     (["--lr", "foo=0.01"], "unknown optimizer 'foo'"),
     (["--lr", "sgd=0.01"], "not among --optimizers"),
     (["--steps", "0"], "must be positive"),
-    (["--steps", "1.5"], "expected a int"),
+    (["--steps", "1.5"], "expected an integer, got '1.5'"),
     (["--batch-size", "-4"], "must be positive"),
     (["--batch-size", "100000"], "exceeds the 1437 training examples"),
     (["--output", "plot.pdf"], "must name a .png file"),
@@ -120,8 +122,50 @@ def test_package_imports_without_the_demo_dependencies():
   blocked = ("flax", "sklearn", "matplotlib", "tqdm", "orbax")
   code = (f"import sys; sys.modules.update(dict.fromkeys({blocked!r}));"
           " import optax_ftml; optax_ftml.ftml(); optax_ftml.mxnet_ftml()\n"
-          "try:\n  import optax_ftml.demo\n"
+          "try:\n  from optax_ftml.demo import load_digits\n"
           "except ImportError as error:\n  print(error)")
   result = subprocess.run([sys.executable, "-c", code], capture_output=True,
                           text=True, check=True)
-  assert 'pip install "optax_ftml[demo]"' in result.stdout
+  # Nothing is on a package index yet: the hint installs from a clone.
+  assert 'pip install ".[demo]" in a clone' in result.stdout
+
+
+def test_every_optimizer_has_a_default_learning_rate():
+  from optax_ftml import _demo
+  assert list(_demo.OPTIMIZERS) == list(demo.LEARNING_RATES)
+
+
+# What `python -m optax_ftml.demo` must not import before it has parsed its
+# flags: these take seconds.
+HEAVY_MODULES = ("jax", "flax", "optax", "sklearn", "matplotlib", "numpy")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--steps", "0"]])
+def test_help_and_bad_flags_answer_before_importing_jax(argv):
+  code = ("import runpy, sys\n"
+          f"sys.argv = ['demo', *{argv!r}]\n"
+          "try:\n"
+          "  runpy.run_module('optax_ftml.demo', run_name='__main__')\n"
+          "except SystemExit as exit:\n"
+          "  print('exit', exit.code)\n"
+          f"print('imported', sorted(set({HEAVY_MODULES!r}) & set(sys.modules)))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True)
+  assert "usage: python -m optax_ftml.demo" in result.stdout + result.stderr
+  assert f"exit {0 if argv == ['--help'] else 2}" in result.stdout
+  assert "imported []" in result.stdout
+
+
+def test_every_public_name_is_imported_on_first_use():
+  # optax_ftml imports its modules lazily (for the demo's --help): each name
+  # of __all__ must resolve, and only those.
+  code = ("import sys, optax_ftml\n"
+          "print('jax' in sys.modules)\n"
+          "for name in optax_ftml.__all__:\n"
+          "  getattr(optax_ftml, name)\n"
+          "print(sorted(optax_ftml._MODULES) == sorted(optax_ftml.__all__))")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=True)
+  assert result.stdout.split() == ["False", "True"]
+  with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+    _ = optax_ftml.no_such_name  # pyright: ignore[reportAttributeAccessIssue]

@@ -4,6 +4,7 @@ import contextlib
 import doctest
 import importlib
 import io
+import os
 import pathlib
 import re
 import subprocess
@@ -63,33 +64,63 @@ def test_python_blocks_run(block, request):
 @pytest.mark.extras
 def test_site_builds_without_warnings(tmp_path):
   # -W: every warning (a broken reference, a docstring that does not render)
-  # fails the build; --keep-going reports all of them first.
+  # fails the build; --keep-going reports all of them first. The build
+  # executes the notebooks; here only the quickstart, with short training
+  # runs (test_notebooks.py runs every notebook).
   result = subprocess.run(
       [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b",
        "html", "-d", str(tmp_path / "doctrees"), str(DOCS),
        str(tmp_path / "html")],
-      capture_output=True, text=True, timeout=900, check=False)
+      capture_output=True, text=True, timeout=900, check=False,
+      env={**os.environ, "OPTAX_FTML_DOCS_EXECUTE": "quickstart",
+           "OPTAX_FTML_NOTEBOOK_STEPS": "30"})
   assert result.returncode == 0, result.stderr
-  api = (tmp_path / "html" / "api.html").read_text()
-  for name in optax_ftml.__all__:
-    assert f'id="optax_ftml.{name}"' in api, name
+  site = tmp_path / "html"
+
+  # The API reference: summary tables first, then ftml, then the rest; every
+  # public name documented.
+  api = (site / "api.html").read_text()
+  documented = re.findall(r'<dt class="sig sig-object py" id="optax_ftml\.(\w+)"',
+                          api)
+  assert sorted(documented) == sorted(optax_ftml.__all__)
+  assert documented[0] == "ftml"
+  assert api.index('class="autosummary') < api.index('id="optax_ftml.ftml"')
+
+  # The index page: the toctrees' lists of pages are in the sidebar, not in
+  # the body (a few links in the text).
+  index = (site / "index.html").read_text()
+  body = index[index.index('<article class="bd-article">'):]
+  body = body[:body.index("</article>")]
+  assert "toctree-l1" not in body and body.count("<a ") < 10
+
+  # An executed notebook's page shows what its cells printed and plotted.
   for notebook in ("quickstart", "migrating_from_mxnet", "scale_out"):
-    assert (tmp_path / "html" / "notebooks" / f"{notebook}.html").exists()
+    assert (site / "notebooks" / f"{notebook}.html").exists()
+  quickstart = (site / "notebooks" / "quickstart.html").read_text()
+  outputs = re.findall(r'<div class="cell_output docutils container">(.*?)'
+                       r'</div>\s*</div>', quickstart, re.S)
+  assert any("test accuracy" in output for output in outputs)
+  images = re.findall(r'<img alt="[^"]*" src="\.\./(_images/\w+\.png)"',
+                      quickstart)
+  assert images and all((site / image).exists() for image in images)
   # Pictures referenced from outside docs/ are copied into the site.
-  assert (tmp_path / "html" / "_images" / "convergence_1.png").exists()
+  assert (site / "_images" / "convergence_1.png").exists()
 
 
-def test_readme_quick_example_converges():
-  # The Quick example prints its final loss; the README shows that output.
-  readme = (ROOT / "README.md").read_text()
-  block = next(b for b in PYTHON_BLOCK.findall(readme) if "final loss" in b)
+@pytest.mark.parametrize("page", [ROOT / "README.md",
+                                  DOCS / "getting_started.md"],
+                         ids=lambda page: page.name)
+def test_quick_example_converges_and_shows_its_output(page):
+  # The Quick example prints its final loss; the page shows that output.
+  text = page.read_text()
+  block = next(b for b in PYTHON_BLOCK.findall(text) if "final loss" in b)
   printed = io.StringIO()
   with (contextlib.redirect_stdout(printed),
         jax.numpy_dtype_promotion("standard")):
-    exec(compile(block, "README.md-quick", "exec"), {"__name__": "__main__"})
+    exec(compile(block, f"{page.name}-quick", "exec"), {"__name__": "__main__"})
   (value,) = re.findall(r"^final loss (\S+)$", printed.getvalue(), re.M)
   assert float(value) < 1e-8, printed.getvalue()
-  (shown,) = re.findall(r"^```text\nfinal loss (\S+)\n```", readme, re.M)
+  (shown,) = re.findall(r"^```text\nfinal loss (\S+)\n```", text, re.M)
   assert float(shown) < 1e-8
 
 

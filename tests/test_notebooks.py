@@ -1,11 +1,15 @@
 """Runs every notebook in colabs/ top to bottom, with few training steps."""
 
+import importlib.util
 import pathlib
 import re
+import sys
+import types
 
 import nbclient
 import nbformat
 import pytest
+from IPython.core.inputtransformer2 import TransformerManager
 
 COLABS = pathlib.Path(__file__).parent.parent / "colabs"
 NOTEBOOKS = sorted(COLABS.glob("*.ipynb"))
@@ -28,18 +32,66 @@ def test_committed_without_outputs(path):
         assert name not in cell.source, (path.name, name)
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_colab_installs_the_package_by_name(path):
-  # On Colab: the released package by its name, or a wheel built from a clone
-  # and uploaded; never an address that nothing publishes.
+def install_cell(path):
   notebook = nbformat.read(path, as_version=4)
-  install = next(cell.source for cell in notebook.cells
-                 if "%pip install" in cell.source)
+  return next(cell.source for cell in notebook.cells
+              if "%pip install" in cell.source)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_colab_install_says_how_to_install_before_a_release(path):
+  # On Colab: an uploaded wheel or clone, else the released package by name;
+  # never an address that nothing publishes.
+  install = install_cell(path)
   assert '"google.colab" in sys.modules' in install
   assert '"optax_ftml[demo]"' in install
   assert 'glob.glob("/content/optax_ftml-*.whl")' in install
-  assert "python -m build" in install
+  assert "pip install build && python -m build" in install
   assert not re.search(r"git\+|https?://", install)
+
+
+class FakeIPython:
+  """Records the install cell's %pip lines instead of running pip."""
+
+  def __init__(self):
+    self.pip_lines = []
+
+  def run_line_magic(self, name, line):
+    assert name == "pip"
+    self.pip_lines.append(line)
+
+
+@pytest.mark.parametrize("before, pip_installs", [
+    ("missing", False), ("missing", True), ("installed", None)])
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
+def test_colab_install_stops_the_notebook_when_it_fails(
+    path, before, pip_installs, monkeypatch):
+  # The cell as IPython runs it, on Colab, with optax_ftml found or not.
+  code = TransformerManager().transform_cell(install_cell(path))
+  ipython = FakeIPython()
+  monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("colab"))
+  monkeypatch.setenv("XLA_FLAGS", "")  # scale_out.ipynb's cell appends to it
+  find_spec = importlib.util.find_spec
+
+  def colab_find_spec(name, *args):
+    found = before == "installed" or (pip_installs and ipython.pip_lines)
+    if name == "optax_ftml" and not found:
+      return None
+    return find_spec(name, *args)
+
+  monkeypatch.setattr(importlib.util, "find_spec", colab_find_spec)
+  namespace = {"get_ipython": lambda: ipython}
+  if pip_installs is False:
+    with pytest.raises(RuntimeError,
+                       match=r"pip install build && python -m build"):
+      exec(code, namespace)
+  else:
+    exec(code, namespace)
+  if before == "installed":
+    assert ipython.pip_lines == []
+  else:
+    assert ipython.pip_lines == ['install --quiet "{requirement}"']
+    assert namespace["requirement"] == "optax_ftml[demo]"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
