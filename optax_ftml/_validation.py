@@ -169,20 +169,23 @@ def check_hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, *,
   if not rate or epsilon is None:
     return
   # d_t <= (sqrt(v / (1 - b2**t)) + eps) / learning_rate, and the root is at
-  # most the gradient bound: d_t must stay finite in float32.
-  if epsilon / rate > _LARGEST:
+  # most the gradient bound: d_t must stay finite in float32 (else the
+  # weights turn NaN) for every gradient the kernel accepts.
+  if (_FLOAT32_GRADIENT_BOUND + epsilon) / rate <= _LARGEST:
+    return
+  lr_name, eps_name = names[0], names[3]
+  if epsilon > _FLOAT32_GRADIENT_BOUND:
     raise ValueError(
-        f"{caller}: {names[3]} / {names[0]} = {epsilon / rate:.4g} overflows"
-        f" float32 (every d_t would be infinite and the weights NaN); use"
-        f" {names[3]} <= {rate * _LARGEST / 2:.4g} for this"
-        f" {names[0]}.")
-  if (_FLOAT32_GRADIENT_BOUND + epsilon) / rate > _LARGEST:
-    smallest = (_FLOAT32_GRADIENT_BOUND + epsilon) / _LARGEST
-    raise ValueError(
-        f"{caller}: {names[0]} must be at least {smallest:.4g}, got"
-        f" {learning_rate!r}: below it d_t = (|g| + {names[3]}) / {names[0]}"
-        " overflows float32 for the largest gradients the kernel accepts"
-        f" (|g| up to {_FLOAT32_GRADIENT_BOUND:.4g}).")
+        f"{caller}: {eps_name} must be at most"
+        f" {rate * _LARGEST - _FLOAT32_GRADIENT_BOUND:.4g} with {lr_name} ="
+        f" {rate:g}, got {eps!r}: above it d_t = (|g| + {eps_name}) /"
+        f" {lr_name} overflows float32.")
+  raise ValueError(
+      f"{caller}: {lr_name} must be at least"
+      f" {(_FLOAT32_GRADIENT_BOUND + epsilon) / _LARGEST:.4g}, got"
+      f" {learning_rate!r}: below it d_t = (|g| + {eps_name}) / {lr_name}"
+      " overflows float32 for the largest gradients the kernel accepts"
+      f" (|g| up to {_FLOAT32_GRADIENT_BOUND:.4g}).")
 
 
 def check_state_dtype(state_dtype: Any) -> jnp.dtype | None:

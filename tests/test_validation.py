@@ -97,9 +97,8 @@ def refused(error, message):
     (dict(eps=1e39), ValueError,
      "ftml: eps must be finite in float32 (|eps| <= 3.403e+38), got 1e+39."),
     (dict(eps=1e37), ValueError,
-     "ftml: eps / learning_rate = 4e+39 overflows float32 (every d_t would be"
-     " infinite and the weights NaN); use eps <= 4.254e+35 for this"
-     " learning_rate."),
+     "ftml: eps must be at most 8.507e+35 with learning_rate = 0.0025, got"
+     " 1e+37: above it d_t = (|g| + eps) / learning_rate overflows float32."),
     (dict(eps=None), TypeError, "ftml: eps must be a real number or a 0-d"),
     (dict(state_dtype="nope"), TypeError,
      "ftml: state_dtype must be None or one of float32, float64, bfloat16 and"
