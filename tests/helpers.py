@@ -14,10 +14,10 @@ def jitted_step(opt, donate=False):
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-def run(opt, params, xs, gradient_fn=None):
-  """Parameters after each step (as NumPy arrays), and the final state, from
-  a ``lax.scan`` over ``xs``: the gradients, or ``gradient_fn(params, x)``'s
-  inputs."""
+def steps(opt, params, xs, gradient_fn=None):
+  """Parameters after each step and the final state, from a ``lax.scan``
+  over ``xs``: the gradients, or ``gradient_fn(params, x)``'s inputs.
+  Traceable: usable under ``jit`` and ``vmap``, with traced ``opt``."""
 
   def step(carry, x):
     p, state = carry
@@ -26,8 +26,13 @@ def run(opt, params, xs, gradient_fn=None):
     p = optax.apply_updates(p, updates)
     return (p, state), p
 
-  (_, state), ps = jax.jit(lambda p, xs: jax.lax.scan(
-      step, (p, opt.init(p)), xs))(params, xs)
+  (_, state), ps = jax.lax.scan(step, (params, opt.init(params)), xs)
+  return ps, state
+
+
+def run(opt, params, xs, gradient_fn=None):
+  """:func:`steps`, jitted, with the parameters as NumPy arrays."""
+  ps, state = jax.jit(lambda p, xs: steps(opt, p, xs, gradient_fn))(params, xs)
   return jax.tree.map(np.asarray, ps), state
 
 

@@ -20,6 +20,7 @@ from helpers import noisy_pull
 from helpers import pull_problem
 from helpers import relative_error
 from helpers import run
+from helpers import steps
 from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
@@ -92,14 +93,7 @@ class Problem:
 
     def one_case(h, w, noise):
       opt = optax_chain(h, learning_rate, mxnet_version, dtype)
-
-      def step(carry, noise_t):
-        w, state = carry
-        updates, state = opt.update(noisy_pull(self.target)(w, noise_t), state, w)
-        w = optax.apply_updates(w, updates)
-        return (w, state), w
-
-      (_, state), trajectory = jax.lax.scan(step, (w, opt.init(w)), noise)
+      trajectory, state = steps(opt, w, noise, noisy_pull(self.target))
       return trajectory, state[-1]
 
     run = jax.jit(jax.vmap(one_case, in_axes=(0, 0, 1)))

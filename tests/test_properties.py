@@ -16,6 +16,7 @@ import optax
 from hypothesis import strategies as st
 
 import optax_ftml
+from helpers import steps
 from mxnet_reference import FTMLSlots
 from mxnet_reference import collapsed_trajectory
 from mxnet_reference import ftml_update
@@ -65,13 +66,7 @@ def optax_trajectory(w0, grads, lr, b1, b2, eps, pre=(), state_dtype=None,
   opt = optax.chain(*(transforms[name]() for name in pre),
                     optax_ftml.ftml(rate, b1, b2, eps, state_dtype=state_dtype))
 
-  def step(carry, g):
-    w, state = carry
-    updates, state = opt.update(g, state, w)
-    w = optax.apply_updates(w, updates)
-    return (w, state), w
-
-  (_, state), ws = jax.lax.scan(step, (w0, opt.init(w0)), grads)
+  ws, state = steps(opt, w0, grads)
   return ws, state[-1]
 
 

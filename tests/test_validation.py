@@ -19,6 +19,7 @@ import pytest
 from helpers import noisy_pull
 from helpers import pull_problem
 from helpers import run
+from helpers import steps
 from mxnet_reference import FTMLSlots
 from mxnet_reference import ftml_update
 from optax_ftml import FTMLLeanState
@@ -201,17 +202,7 @@ def test_traced_and_injected_hyperparameters_are_bit_identical_to_floats():
 
   @jax.jit
   def traced(values, weights, noise):  # ftml built with traced values
-    opt = ftml(**values)
-
-    def step(carry, x):
-      params, opt_state = carry
-      updates, opt_state = opt.update(noisy_pull(target)(params, x),
-                                      opt_state, params)
-      params = optax.apply_updates(params, updates)
-      return (params, opt_state), params
-    (_, opt_state), ps = jax.lax.scan(step, (weights, opt.init(weights)),
-                                      noise)
-    return ps, opt_state
+    return steps(ftml(**values), weights, noise, noisy_pull(target))
   chex.assert_trees_all_equal(
       traced(jax.tree.map(jnp.float32, hyper), weights, noise),
       (expected, state))
