@@ -146,11 +146,12 @@ def check_learning_rate(value: Any, name: str, caller: str,
   # The largest rate whose first step's (1 - b1) / learning_rate is a normal
   # float32 number (XLA:CPU flushes subnormals to 0, which freezes the step).
   largest = (1 - _in_float32(b1 or 0.0)) / _SMALLEST_NORMAL
+  divisor = f"({name})" if " " in name else name
   if not (rate == 0 or _SMALLEST_NORMAL <= rate <= largest):
     raise ValueError(
         f"{caller}: {name} must be from {_SMALLEST_NORMAL:.4g} to"
         f" {largest:.4g}{'' if b1 is None else f' (with b1 = {b1:g})'}, got"
-        f" {value!r}: outside, (1 - b1**t) / {name} rounds to 0 or"
+        f" {value!r}: outside, (1 - b1**t) / {divisor} rounds to 0 or"
         " overflows in float32, and the steps do nothing or turn NaN.")
   return rate
 
@@ -200,7 +201,7 @@ def check_state_dtype(state_dtype: Any) -> jnp.dtype | None:
   if dtype is None or dtype not in _REAL_STATE:
     raise TypeError(
         "ftml: state_dtype must be None or one of float32, float64, bfloat16"
-        f" and float16, got {_shown(state_dtype)}.")
+        f" and float16, got {_shown(state_dtype) if dtype is None else dtype}.")
   return dtype
 
 

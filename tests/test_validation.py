@@ -106,7 +106,9 @@ def refused(error, message):
      " float16, got 'nope'."),
     (dict(state_dtype=jnp.int32), TypeError, "ftml: state_dtype must be None or"),
     (dict(state_dtype=jnp.complex64), TypeError, "ftml: state_dtype must be"),
-    (dict(state_dtype=jnp.float8_e4m3fn), TypeError, "ftml: state_dtype must be"),
+    (dict(state_dtype=jnp.float8_e4m3fn), TypeError,
+     "ftml: state_dtype must be None or one of float32, float64, bfloat16 and"
+     " float16, got float8_e4m3fn."),
     (dict(recompute_d_prev=1), TypeError,
      "ftml: recompute_d_prev must be a bool, got 1."),
 ])
@@ -162,7 +164,8 @@ def test_valid_edge_hyperparameters_are_accepted(kwargs):
      "mxnet_ftml: lr_mult must be in [0, inf), got inf."),
     (dict(learning_rate=1e30, lr_mult={"w": 1e10}), ValueError,
      "mxnet_ftml: learning_rate * lr_mult['w'] must be from 1.175e-38 to"
-     " 3.403e+37 (with b1 = 0.6), got 1e+40"),
+     " 3.403e+37 (with b1 = 0.6), got 1e+40: outside, (1 - b1**t) /"
+     " (learning_rate * lr_mult['w']) rounds to 0 or overflows in float32"),
     (dict(learning_rate=0.01, lr_mult={"w": 1e-30}), ValueError,
      "mxnet_ftml: learning_rate * lr_mult['w'] must be at least 5.421e-20"),
     (dict(wd_mult={"w": "x"}), TypeError,
