@@ -107,7 +107,8 @@ def mxnet_ftml(
     >>> state = opt.init(params)
     >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
   """
-  if isinstance(mxnet_version, bool) or mxnet_version not in (1, 2):
+  if (not isinstance(mxnet_version, numbers.Integral)
+      or isinstance(mxnet_version, (bool, np.bool_)) or mxnet_version not in (1, 2)):
     raise ValueError(
         f"mxnet_ftml: mxnet_version must be 1 or 2, got {mxnet_version!r}.")
   caller = "mxnet_ftml"
