@@ -44,6 +44,7 @@ import pathlib
 import platform
 import time
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -283,7 +284,11 @@ MODEL_TITLES = {"cnn": "CNN: " + CNN.__doc__, "resnet": "ResNet: " + ResNet.__do
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """Everything one cached run depends on."""
+  """Everything one cached run depends on.
+
+  And nothing more: with more seeds, or a wider grid, the runs already done
+  are found in the cache.
+  """
 
   model: str
   optimizer: str
@@ -291,8 +296,8 @@ class RunSpec:
   seed: int
   epochs: int
   test_every_epoch: bool  # else the test set is evaluated after the last
-  settings: Settings
-  data_digest: str
+  batch_size: int
+  data_digest: str  # the images drawn for training, validation and test
 
   def cache_name(self) -> str:
     fingerprint = hashlib.sha256(json.dumps(
@@ -389,11 +394,11 @@ def train(spec: RunSpec, trainer: Trainer, data: Data) -> dict:
   state.hyperparams["learning_rate"] = jnp.asarray(spec.learning_rate,
                                                    jnp.float32)
   images, labels = data.train
-  record = {"train_loss": [], "test_loss": [], "test_error": [],
+  record: dict[str, Any] = {"train_loss": [], "test_loss": [], "test_error": [],
             "epoch_seconds": []}
   for epoch in range(spec.epochs):
     batches = jnp.asarray(batch_order(spec.seed, epoch, len(labels),
-                                      spec.settings.batch_size))
+                                      spec.batch_size))
     start = time.perf_counter()
     losses = []
     for batch in batches:
@@ -497,7 +502,8 @@ def compare(model: str, optimizer: str, trainer: Trainer, data: Data,
 
   def run(rate, seed, epochs, test_every_epoch):
     return cached_run(RunSpec(model, optimizer, rate, seed, epochs,
-                              test_every_epoch, settings, data.digest),
+                              test_every_epoch, settings.batch_size,
+                              data.digest),
                       trainer, data, cache)
 
   start = OPTIMIZERS[optimizer][1]
@@ -628,7 +634,16 @@ def markdown(output: dict) -> str:
 
 def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
   """Per model, training loss and test error against epochs; the grids."""
-  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  # pylint: disable=import-outside-toplevel
+  from matplotlib import ticker
+  from matplotlib.figure import Figure
+
+  def plain_log_labels(axis):
+    """0.2, 0.3 rather than 2 x 10^-1; the minor ticks too, where few."""
+    axis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(ticker.LogFormatter(
+        labelOnlyBase=False, minor_thresholds=(2, 1)))
+
   paths = []
   for model, row in output["results"].items():
     fig = Figure(figsize=(11, 4.2))
@@ -652,6 +667,8 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
                  title="Test error")
     for ax in (loss_ax, error_ax):
       ax.grid(alpha=0.3, which="both")
+      ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+      plain_log_labels(ax.yaxis)
     loss_ax.legend(fontsize=8)
     fig.suptitle(f"Fashion-MNIST, {MODEL_TITLES[model]} Lines: geometric mean"
                  f" over {seeds} seeds; bands: min to max", fontsize=9)
@@ -676,8 +693,9 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
               marker="*", ms=14, color=line.get_color(), lw=0)
     ax.set(xscale="log", yscale="log", xlabel="learning rate",
            ylabel=f"validation loss after {output['settings']['grid_epochs']}"
-           " epochs", title=f"{model}: learning-rate sensitivity")
+           " epoch(s)", title=f"{model}: learning-rate sensitivity")
     ax.grid(alpha=0.3, which="both")
+    plain_log_labels(ax.yaxis)
     ax.legend(fontsize=8)
   fig.suptitle("Each optimizer's grid (one seed); star: the selected rate;"
                " a missing point diverged", fontsize=9)
