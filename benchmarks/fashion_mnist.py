@@ -105,7 +105,7 @@ class Settings:
 
 
 FULL = Settings(train_size=8_000, validation_size=5_000, batch_size=128,
-                grid_epochs=3, epochs=10, seeds=3, grid_points=4,
+                grid_epochs=3, epochs=10, seeds=5, grid_points=4,
                 max_extensions=2)
 QUICK = Settings(train_size=200, validation_size=100, batch_size=50,
                  grid_epochs=1, epochs=2, seeds=2, grid_points=2,
@@ -638,11 +638,24 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
   from matplotlib import ticker
   from matplotlib.figure import Figure
 
-  def plain_log_labels(axis):
-    """0.2, 0.3 rather than 2 x 10^-1; the minor ticks too, where few."""
-    axis.set_major_formatter(ticker.LogFormatter(labelOnlyBase=False))
-    axis.set_minor_formatter(ticker.LogFormatter(
-        labelOnlyBase=False, minor_thresholds=(2, 1)))
+  def plain_log_labels(ax):
+    """0.2, 0.3 rather than 2 x 10^-1, and on enough minor ticks to read.
+
+    Within a decade the ticks at 1, 1.2, 1.5, 2, 2.5, 3, 4, ..., 9 times a
+    power of ten are labelled; within two decades, 1, 2, 3 and 5 times;
+    beyond, the powers of ten only.
+    """
+    low, high = ax.get_ylim()
+    if high < 10 * low:  # also 1.2, 1.5 and 2.5 times a power of ten
+      ax.yaxis.set_minor_locator(ticker.LogLocator(
+          subs=(1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9)))
+    leading = lambda value: round(value / 10**math.floor(math.log10(value)), 1)
+    shown = ((1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8, 9) if high < 10 * low else
+             (1, 2, 3, 5) if high < 100 * low else (1,))
+    for set_formatter in (ax.yaxis.set_major_formatter,
+                          ax.yaxis.set_minor_formatter):
+      set_formatter(ticker.FuncFormatter(
+          lambda value, _: f"{value:g}" if leading(value) in shown else ""))
 
   paths = []
   for model, row in output["results"].items():
@@ -668,7 +681,7 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
     for ax in (loss_ax, error_ax):
       ax.grid(alpha=0.3, which="both")
       ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-      plain_log_labels(ax.yaxis)
+      plain_log_labels(ax)
     loss_ax.legend(fontsize=8)
     fig.suptitle(f"Fashion-MNIST, {MODEL_TITLES[model]} Lines: geometric mean"
                  f" over {seeds} seeds; bands: min to max", fontsize=9)
@@ -681,23 +694,36 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
   fig = Figure(figsize=(5.5 * len(models), 4.2))
   axes = np.atleast_1d(fig.subplots(1, len(models)))
   for ax, model in zip(axes, models, strict=True):
-    for name, r in output["results"][model].items():
-      rates = sorted(map(float, r["grid"]))
-      losses = [r["grid"][f"{rate:g}"]["validation_loss"] for rate in rates]
+    row = output["results"][model]
+    finite = [e["validation_loss"] for r in row.values()
+              for e in r["grid"].values() if e["validation_loss"] is not None]
+    # The axis spans twice the best loss: the differences near the optimum
+    # stay readable; worse points (chance level is ln 10 = 2.30) sit on the
+    # top edge as triangles.
+    top = 2 * min(finite) if finite else 1.0
+    for name, r in row.items():
+      rates = np.asarray(sorted(map(float, r["grid"])))
+      losses = np.asarray([np.nan if v is None else v for v in (
+          r["grid"][f"{rate:g}"]["validation_loss"] for rate in rates)])
       emphasis = name in ("ftml", "adam")
-      line, = ax.plot(rates, [np.nan if v is None else v for v in losses],
-                      marker="o", label=name, lw=2.2 if emphasis else 0.9,
-                      alpha=1 if emphasis else 0.55)
-      ax.plot([r["learning_rate"]],
-              [r["grid"][f"{r['learning_rate']:g}"]["validation_loss"]],
-              marker="*", ms=14, color=line.get_color(), lw=0)
+      style = {"lw": 2.2 if emphasis else 0.9, "alpha": 1 if emphasis else 0.55}
+      line, = ax.plot(rates, np.minimum(losses, top), marker="o", label=name,
+                      **style)
+      above = losses > top
+      ax.plot(rates[above], np.full(above.sum(), top), marker="^", ms=9,
+              ls="", color=line.get_color(), alpha=style["alpha"])
+      best = r["grid"][f"{r['learning_rate']:g}"]["validation_loss"]
+      ax.plot([r["learning_rate"]], [best], marker="*", ms=14,
+              color=line.get_color(), lw=0)
     ax.set(xscale="log", yscale="log", xlabel="learning rate",
            ylabel=f"validation loss after {output['settings']['grid_epochs']}"
-           " epoch(s)", title=f"{model}: learning-rate sensitivity")
+           " epoch(s)", title=f"{model}: learning-rate sensitivity",
+           ylim=(None, top * 1.04))
     ax.grid(alpha=0.3, which="both")
-    plain_log_labels(ax.yaxis)
+    plain_log_labels(ax)
     ax.legend(fontsize=8)
-  fig.suptitle("Each optimizer's grid (one seed); star: the selected rate;"
+  fig.suptitle("Each optimizer's grid (one seed). Star: the selected rate;"
+               " triangle: off the scale (above twice the best loss);"
                " a missing point diverged", fontsize=9)
   fig.tight_layout()
   path = out / "fashion_mnist_sensitivity.png"
