@@ -1,6 +1,6 @@
 """FTML against Adam, RMSprop, Adadelta and Nesterov SGD on Fashion-MNIST.
 
-The FTML paper's comparison (Zheng & Kwok, ICML 2017, section 5), on a real
+The FTML paper's comparison (Zheng & Kwok, ICML 2017), on a real
 image data set that runs on a CPU: a small CNN and a small residual network in
 Flax NNX, trained with
 
@@ -279,7 +279,7 @@ MODEL_TITLES = {"cnn": "CNN: " + CNN.__doc__, "resnet": "ResNet: " + ResNet.__do
 
 
 # ---------------------------------------------------------------------------
-# Training, one compiled epoch at a time
+# Training, one compiled step at a time
 # ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -308,7 +308,7 @@ class RunSpec:
 
 
 class Trainer:
-  """One model's compiled epoch and evaluation, per optimizer."""
+  """One model's compiled training steps (one per optimizer) and evaluation."""
 
   EVAL_CHUNK = 1000  # images per evaluation step: bounds the memory
 
@@ -394,8 +394,8 @@ def train(spec: RunSpec, trainer: Trainer, data: Data) -> dict:
   state.hyperparams["learning_rate"] = jnp.asarray(spec.learning_rate,
                                                    jnp.float32)
   images, labels = data.train
-  record: dict[str, Any] = {"train_loss": [], "test_loss": [], "test_error": [],
-            "epoch_seconds": []}
+  record: dict[str, Any] = {
+      "train_loss": [], "test_loss": [], "test_error": [], "epoch_seconds": []}
   for epoch in range(spec.epochs):
     batches = jnp.asarray(batch_order(spec.seed, epoch, len(labels),
                                       spec.batch_size))
