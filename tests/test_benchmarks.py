@@ -3,13 +3,16 @@
 Only that: what they measure is reported by the scripts, not asserted here.
 """
 
+import gzip
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
 import convergence  # benchmarks/, on pytest's pythonpath
 import numpy as np
+import pytest
 
 BENCHMARKS = pathlib.Path(__file__).parent.parent / "benchmarks"
 
@@ -106,3 +109,174 @@ def test_convergence_bands_stay_positive_on_a_log_axis():
   np.testing.assert_allclose(centre * np.exp(sigma**2 / 2), mean)
   np.testing.assert_allclose(
       np.sqrt(np.expm1(sigma**2)) * centre * np.exp(sigma**2 / 2), std)
+
+
+# Fashion-MNIST: the IDX reader, and the experiment on a few synthetic files.
+
+IDX_SHAPES = {"train": 320, "t10k": 60}
+
+
+def write_idx(path, array, gzipped=False):
+  """An IDX file of unsigned bytes: magic 00 00 08 <ndim>, big-endian dims."""
+  array = np.asarray(array, np.uint8)
+  content = (bytes([0, 0, 8, array.ndim])
+             + np.asarray(array.shape, ">u4").tobytes() + array.tobytes())
+  if gzipped:
+    path = path.with_name(path.name + ".gz")
+    content = gzip.compress(content)
+  path.write_bytes(content)
+  return path
+
+
+def write_fashion_mnist(directory):
+  """Random images and labels in both layouts: images gzipped, labels not."""
+  rng = np.random.default_rng(0)
+  for prefix, n in IDX_SHAPES.items():
+    write_idx(directory / f"{prefix}-images-idx3-ubyte",
+              rng.integers(0, 256, (n, 28, 28)), gzipped=True)
+    write_idx(directory / f"{prefix}-labels-idx1-ubyte",
+              rng.integers(0, 10, n))
+
+
+@pytest.mark.extras
+def test_fashion_mnist_benchmark_runs_quick_and_resumes_from_its_cache(
+    tmp_path):
+  data, out, cache = tmp_path / "data", tmp_path / "out", tmp_path / "cache"
+  data.mkdir()
+  write_fashion_mnist(data)
+  command = [sys.executable, str(BENCHMARKS / "fashion_mnist.py"), "--quick",
+             "--data", str(data), "--out", str(out), "--cache", str(cache),
+             "--models", "cnn", "--optimizers", "ftml", "adam"]
+  first = subprocess.run(command, check=True, capture_output=True, text=True,
+                         timeout=600)
+  output = json.loads((out / "fashion_mnist.json").read_text())
+  table = (out / "fashion_mnist.md").read_text()
+  assert output["quick"] and set(output["versions"]) >= {
+      "jax", "optax", "flax", "optax_ftml"}
+  assert output["machine"]["cpu"] and output["machine"]["cpu"] in table
+  settings = output["settings"]
+  results = output["results"]["cnn"]
+  assert set(results) == {"ftml", "adam"}
+  for name, r in results.items():
+    assert f"| cnn | {name} | {r['learning_rate']:g}" in table
+    # The grid: consecutive half-decades, the selected rate among them.
+    grid = sorted(map(float, r["grid"]))
+    assert all(round(grid[i + 1] / grid[i], 2) in (3.0, 3.33)
+               for i in range(len(grid) - 1))
+    assert r["learning_rate"] in grid
+    assert r["at_grid_edge"] == (r["learning_rate"] in (grid[0], grid[-1]))
+    for key in ("train_loss", "test_error"):
+      curve = r[key]
+      assert len(curve["geometric_mean"]) == settings["epochs"]
+      lows, means, highs = (np.asarray(curve[k], float)
+                            for k in ("min", "geometric_mean", "max"))
+      assert np.all(np.isfinite(means)) and np.all(lows > 0)
+      assert np.all(lows <= means * (1 + 1e-9)) and np.all(
+          means <= highs * (1 + 1e-9))
+    assert 0 <= r["final_test_error"][0] <= 1
+    assert r["epoch_seconds"] > 0
+  records = sorted(cache.glob("*.json"))
+  # The grid's runs (one seed) and the selected rates' seeds.
+  assert len(records) == sum(len(r["grid"]) + settings["seeds"]
+                             for r in results.values())
+  pngs = sorted(p.name for p in out.glob("*.png"))
+  assert pngs == ["fashion_mnist_cnn.png", "fashion_mnist_sensitivity.png"]
+  assert all((out / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+  # Run again: every run comes from the cache, nothing is trained or rewritten.
+  written = {p: p.stat().st_mtime_ns for p in records}
+  second = subprocess.run(command, check=True, capture_output=True, text=True,
+                          timeout=600)
+  assert " seed 0: validation loss" in first.stdout
+  assert " seed 0: validation loss" not in second.stdout
+  assert {p: p.stat().st_mtime_ns for p in cache.glob("*.json")} == written
+  again = json.loads((out / "fashion_mnist.json").read_text())
+  assert again["results"] == output["results"]
+
+
+@pytest.mark.extras
+def test_fashion_mnist_benchmark_names_the_package_when_files_are_missing(
+    tmp_path, capsys):
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  with pytest.raises(SystemExit) as exit_info:
+    fashion_mnist.main(["--quick", "--data", str(tmp_path), "--out",
+                        str(tmp_path / "out"), "--cache", str(tmp_path)])
+  assert exit_info.value.code == 2
+  message = capsys.readouterr().err
+  assert "train-images-idx3-ubyte" in message
+  assert "apt-get install dataset-fashion-mnist" in message
+  assert not (tmp_path / "out").exists()
+
+
+def header(ndim, *dims, type_code=8):
+  return bytes([0, 0, type_code, ndim]) + np.asarray(dims, ">u4").tobytes()
+
+
+IMAGE_BYTES = bytes(2 * 28 * 28)
+MALFORMED_IMAGES = {
+    "not IDX": (b"\x1f\x8b\x08\x00" + IMAGE_BYTES, "magic number"),
+    "float pixels": (header(3, 2, 28, 28, type_code=0x0D) + IMAGE_BYTES,
+                     "magic number"),
+    "labels as images": (header(1, 2) + bytes(2), "1 dimensions, expected 3"),
+    "27 rows": (header(3, 2, 27, 28) + bytes(2 * 27 * 28), "dimensions"),
+    "no images": (header(3, 0, 28, 28), "0 examples"),
+    "huge count": (header(3, 2**31, 28, 28) + IMAGE_BYTES, "examples"),
+    "truncated header": (header(3, 2, 28, 28)[:10], "truncated header"),
+    "truncated data": (header(3, 2, 28, 28) + IMAGE_BYTES[:-1],
+                       "1567 bytes of data, the header declares 1568"),
+    "trailing data": (header(3, 2, 28, 28) + IMAGE_BYTES + b"\x00",
+                      "1569+ bytes of data"),
+}
+
+
+@pytest.mark.extras
+@pytest.mark.parametrize("case", sorted(MALFORMED_IMAGES))
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_fashion_mnist_reader_refuses_a_malformed_idx_file(tmp_path, case,
+                                                           gzipped):
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  content, message = MALFORMED_IMAGES[case]
+  path = tmp_path / "train-images-idx3-ubyte"
+  if gzipped:
+    path = path.with_name(path.name + ".gz")
+    content = gzip.compress(content)
+  path.write_bytes(content)
+  write_idx(tmp_path / "train-labels-idx1-ubyte", [1, 2])
+  with pytest.raises(fashion_mnist.IdxError, match=re.escape(message)) as error:
+    fashion_mnist.load_split(tmp_path, "train")
+  assert str(path) in str(error.value)
+
+
+@pytest.mark.extras
+@pytest.mark.parametrize("labels, message", [
+    ([1, 2, 3], "3 labels for 2 images"),
+    ([1, 10], "label 10"),
+])
+def test_fashion_mnist_reader_refuses_labels_that_do_not_fit(tmp_path, labels,
+                                                             message):
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  write_idx(tmp_path / "t10k-images-idx3-ubyte", np.zeros((2, 28, 28)))
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte", labels, gzipped=True)
+  with pytest.raises(fashion_mnist.IdxError, match=message):
+    fashion_mnist.load_split(tmp_path, "t10k")
+
+
+@pytest.mark.extras
+def test_fashion_mnist_reader_refuses_a_damaged_gzip_stream(tmp_path):
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  path = write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10),
+                   gzipped=True)
+  path.write_bytes(path.read_bytes()[:-12])  # cut inside the stream
+  with pytest.raises(fashion_mnist.IdxError, match="unreadable"):
+    fashion_mnist.read_idx(path, (None,))
+
+
+@pytest.mark.extras
+def test_fashion_mnist_reader_reads_back_what_was_written(tmp_path):
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  images = np.random.default_rng(1).integers(0, 256, (3, 28, 28))
+  write_idx(tmp_path / "train-images-idx3-ubyte", images, gzipped=True)
+  write_idx(tmp_path / "train-labels-idx1-ubyte", [9, 0, 4])
+  read_images, read_labels = fashion_mnist.load_split(tmp_path, "train")
+  np.testing.assert_array_equal(read_images, images)
+  np.testing.assert_array_equal(read_labels, [9, 0, 4])
