@@ -43,6 +43,7 @@ import os
 import pathlib
 import platform
 import time
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -159,7 +160,7 @@ def read_idx(path: pathlib.Path, dims: tuple[int | None, ...]) -> np.ndarray:
                        f" {MAX_EXAMPLES}")
       size = math.prod(shape)
       payload = f.read(size + 1)
-  except (OSError, EOFError, gzip.BadGzipFile) as error:
+  except (OSError, EOFError, zlib.error) as error:  # BadGzipFile is an OSError
     if isinstance(error, FileNotFoundError):
       raise
     raise IdxError(f"{path}: unreadable ({error})") from error

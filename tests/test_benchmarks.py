@@ -266,7 +266,13 @@ def test_fashion_mnist_reader_refuses_a_damaged_gzip_stream(tmp_path):
   import fashion_mnist  # pylint: disable=import-outside-toplevel
   path = write_idx(tmp_path / "t10k-labels-idx1-ubyte", np.arange(10),
                    gzipped=True)
-  path.write_bytes(path.read_bytes()[:-12])  # cut inside the stream
+  content = path.read_bytes()
+  path.write_bytes(content[:-12])  # cut inside the stream
+  with pytest.raises(fashion_mnist.IdxError, match="unreadable"):
+    fashion_mnist.read_idx(path, (None,))
+  # The first deflate block's type set to 3, which does not exist (zlib's
+  # "invalid block type"), after gzip's 10-byte header.
+  path.write_bytes(content[:10] + bytes([content[10] | 0b110]) + content[11:])
   with pytest.raises(fashion_mnist.IdxError, match="unreadable"):
     fashion_mnist.read_idx(path, (None,))
 
