@@ -1,4 +1,4 @@
-"""Checks of what :func:`optax_ftml.ftml` and :func:`optax_ftml.mxnet_ftml`
+"""Checks of what :func:`optax_ftml.ftml` and :func:`optax_ftml.mxnet.ftml`
 are built with and given.
 
 One path for both: bad input is refused with a ``TypeError`` or

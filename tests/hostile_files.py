@@ -7,7 +7,7 @@ subprocess; the longer fuzz run is
 Each input prints one JSON line: its name, size, outcome ("read", or the
 exception's class), message, seconds and (for named cases) the peak of
 Python's allocations. The process exits 1 if any outcome is neither a read nor
-an MXNetFileError.
+an optax_ftml.mxnet.FileError.
 """
 
 import argparse
@@ -27,13 +27,12 @@ import zipfile
 
 import numpy as np
 
-from optax_ftml import _mxnet_files
-from optax_ftml import _mxnet_pickle
-from optax_ftml import read_mxnet_params
-from optax_ftml import read_mxnet_trainer_states
+from optax_ftml import mxnet
+from optax_ftml.mxnet import _files
+from optax_ftml.mxnet import _pickle
 
 FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
-EXAMPLE = pathlib.Path(_mxnet_files.__file__).parent / "mxnet_example"
+EXAMPLE = pathlib.Path(_files.__file__).parent / "example"
 # Headroom over what the process holds after its imports: a 4 GB allocation
 # fails as MemoryError instead of succeeding.
 ADDRESS_SPACE_HEADROOM = 1 << 30
@@ -214,14 +213,14 @@ CASES = {
     "npz: another file": ("params", lambda: npz([("w.txt", b"")]),
                           "other than .npy"),
 }
-READERS = {"states": read_mxnet_trainer_states, "params": read_mxnet_params}
+READERS = {"states": mxnet.read_trainer_states, "params": mxnet.read_params}
 
 
 def state_of_the_library():
   """What a file must not change: the reader modules' functions' defaults
   and attributes, and bytearray's behaviour."""
   state = {}
-  for module in (_mxnet_files, _mxnet_pickle):
+  for module in (_files, _pickle):
     for name, value in vars(module).items():
       if callable(value):
         state[f"{module.__name__}.{name}"] = (
@@ -322,7 +321,7 @@ def main():
   for result in results:
     print(json.dumps(result))
   print(json.dumps({"address_space_limit": limit, "library_changed": changed}))
-  bad = [r for r in results if r["outcome"] not in ("read", "MXNetFileError")]
+  bad = [r for r in results if r["outcome"] not in ("read", "FileError")]
   sys.exit(1 if bad or changed else 0)
 
 

@@ -43,8 +43,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from optax_ftml import FTMLState  # noqa: E402
 from optax_ftml import ftml  # noqa: E402
-from optax_ftml import read_mxnet_params  # noqa: E402
-from optax_ftml import resume_mxnet_ftml  # noqa: E402
+from optax_ftml import mxnet  # noqa: E402
 
 STEPS = 12
 BATCH_SIZE = 32  # global: the same batches on any number of devices
@@ -210,7 +209,7 @@ def mxnet_resumed(directory, out):
   directory = pathlib.Path(directory)
   network = json.loads((directory / "network.json").read_text())
   record = np.load(directory / "continued.npz")
-  weights = read_mxnet_params(directory / "model.params")
+  weights = mxnet.read_params(directory / "model.params")
   assert isinstance(weights, dict)
   trained = [n for n, req in network["grad_req"].items() if req != "null"]
   mesh = jax.make_mesh((jax.device_count(),), ("data",),
@@ -225,7 +224,7 @@ def mxnet_resumed(directory, out):
   shardings = {n: split(weights[n].shape) for n in trained}
   assert any(s.spec != P() for s in shardings.values())
   params = {n: jax.device_put(weights[n], shardings[n]) for n in trained}
-  tx, opt_state = resume_mxnet_ftml(
+  tx, opt_state = mxnet.resume(
       directory / "trainer.states", params,
       indices={n: network["trainer_indices"][n] for n in trained},
       hyperparameters={key: {n: network[key][n] for n in trained}

@@ -37,11 +37,14 @@ def python_blocks():
 
 
 @pytest.mark.parametrize("module", [
-    "_ftml", "_mxnet", "_mxnet_files", "_mxnet_schedules", "_mxnet_resume"])
+    "_ftml", "mxnet._optimizer", "mxnet._files", "mxnet._schedules",
+    "mxnet._resume"])
 def test_docstring_examples(module):
   module = importlib.import_module(f"optax_ftml.{module}")
   with jax.numpy_dtype_promotion("standard"):
-    result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+    # Empty globals, as in a fresh interpreter: each example imports what it
+    # uses.
+    result = doctest.testmod(module, globs={}, optionflags=doctest.ELLIPSIS)
   assert result.attempted > 0
   assert result.failed == 0
 

@@ -58,7 +58,7 @@ def reference_steps(grads, w0, b2):
   w, slots, out = np.array(w0), FTMLSlots.zeros_like(np.array(w0)), []
   for t, g in enumerate(grads, start=1):
     with np.errstate(over="ignore", invalid="ignore"):
-      # ftml keeps the hyperparameters as given (mxnet_ftml rounds them).
+      # ftml keeps the hyperparameters as given (mxnet.ftml rounds them).
       w = ftml_update(w, g, slots, lr=LR, t=t, beta2=b2,
                       param_dtype=np.float64)
     out.append((w, slots.v.copy(), slots.z.copy(), slots.d.copy()))

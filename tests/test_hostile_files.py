@@ -14,10 +14,8 @@ import numpy as np
 import pytest
 
 import hostile_files
-from optax_ftml import MXNetFileError
-from optax_ftml import _mxnet_files
-from optax_ftml import read_mxnet_params
-from optax_ftml import read_mxnet_trainer_states
+from optax_ftml import mxnet
+from optax_ftml.mxnet import _files
 
 SCRIPT = pathlib.Path(hostile_files.__file__)
 # Safety bounds, far above what the readers take (milliseconds, a few times
@@ -46,7 +44,7 @@ def test_named_hostile_files_are_refused_quickly_and_change_nothing():
     if expected is None:
       assert result["outcome"] == "read", result
     else:
-      assert result["outcome"] == "MXNetFileError", result
+      assert result["outcome"] == "FileError", result
       assert expected in result["message"], result
     assert result["seconds"] < SECONDS_PER_CASE, result
     assert result["peak_bytes"] < (PEAK_BYTES_PER_FILE_BYTE * result["size"]
@@ -55,25 +53,25 @@ def test_named_hostile_files_are_refused_quickly_and_change_nothing():
 
 def test_fuzzed_fixtures_read_or_raise_mxnet_file_error():
   returncode, results, _ = run_script("fuzz", "--seed", "0", "--seconds", "15")
-  bad = [r for r in results if r["outcome"] not in ("read", "MXNetFileError")]
+  bad = [r for r in results if r["outcome"] not in ("read", "FileError")]
   assert returncode == 0 and not bad, bad[:5]
   assert len(results) >= 1000
   kinds = {(r["name"], r["outcome"]) for r in results}
-  assert {("truncate", "MXNetFileError"), ("flip", "read"),
-          ("splice", "MXNetFileError"), ("insert", "MXNetFileError")} <= kinds
+  assert {("truncate", "FileError"), ("flip", "read"),
+          ("splice", "FileError"), ("insert", "FileError")} <= kinds
   assert max(r["seconds"] for r in results) < SECONDS_PER_CASE
 
 
 def test_benign_shared_references_read_as_the_graph_they_describe():
   # The hostile builders at small sizes: refused above only for their size.
-  lists = read_mxnet_trainer_states(hostile_files.shared_lists(3)).states[0]
+  lists = mxnet.read_trainer_states(hostile_files.shared_lists(3)).states[0]
   assert lists == [[[[], []], [[], []]], [[[], []], [[], []]]]
   assert lists[0] is lists[1]  # shared, as in the file: not copied
-  record = read_mxnet_trainer_states(hostile_files.shared_records(2)).states[0]
+  record = mxnet.read_trainer_states(hostile_files.shared_records(2)).states[0]
   assert record.class_name == "FTML"
   assert record.attributes["a"] is record.attributes["b"]
   assert record.attributes["a"].attributes["a"].attributes == {}
-  twice = read_mxnet_trainer_states(hostile_files.blob_copies(2, "ndarray"))
+  twice = mxnet.read_trainer_states(hostile_files.blob_copies(2, "ndarray"))
   first, second = twice.states[0]
   assert first.shape == (1 << 18,) and first.dtype == np.float32
   assert first is not second and not first.any()
@@ -89,13 +87,13 @@ def test_benign_shared_references_read_as_the_graph_they_describe():
 ])
 def test_near_misses_of_the_allow_list_are_refused(module, name):
   data = hostile_files.PROTO4 + f"c{module}\n{name}\n)R.".encode()
-  with pytest.raises(MXNetFileError, match=f"refused to load {module}.{name}"):
-    read_mxnet_trainer_states(data)
+  with pytest.raises(mxnet.FileError, match=f"refused to load {module}.{name}"):
+    mxnet.read_trainer_states(data)
 
 
 def test_protocol_2_bytes_and_bytearrays_read():
   states = {0: (bytearray(b"\x00\xff"), b"ab")}
-  assert read_mxnet_trainer_states(pickle.dumps(states, 2)).states == {
+  assert mxnet.read_trainer_states(pickle.dumps(states, 2)).states == {
       0: (b"\x00\xff", b"ab")}
 
 
@@ -108,10 +106,10 @@ def pickled_ndarray(handle):
 
 def test_a_pickled_ndarray_must_be_exactly_one_array():
   handle = hostile_files.array_bytes(np.arange(3, dtype=np.float32))
-  array = read_mxnet_trainer_states(pickled_ndarray(handle)).states[0]
+  array = mxnet.read_trainer_states(pickled_ndarray(handle)).states[0]
   np.testing.assert_array_equal(array, [0, 1, 2])
-  with pytest.raises(MXNetFileError, match="1 bytes after the array"):
-    read_mxnet_trainer_states(pickled_ndarray(handle + b"\0"))
+  with pytest.raises(mxnet.FileError, match="1 bytes after the array"):
+    mxnet.read_trainer_states(pickled_ndarray(handle + b"\0"))
 
 
 def test_the_second_element_must_be_an_optimizer():
@@ -120,9 +118,9 @@ def test_the_second_element_must_be_an_optimizer():
   data = hostile_files.PROTO4 + b"}" + scheduler + b"\x86."
   as_ftml = data.replace(b"\x8c\x12mxnet.lr_scheduler\x94\x8c\x0fFactorScheduler",
                          b"\x8c\x19mxnet.optimizer.optimizer\x94\x8c\x04FTML")
-  assert read_mxnet_trainer_states(as_ftml).optimizer.class_name == "FTML"
-  with pytest.raises(MXNetFileError, match="not an MXNet trainer-state file"):
-    read_mxnet_trainer_states(data)
+  assert mxnet.read_trainer_states(as_ftml).optimizer.class_name == "FTML"
+  with pytest.raises(mxnet.FileError, match="not an MXNet trainer-state file"):
+    mxnet.read_trainer_states(data)
 
 
 def test_bfloat16_arrays_read_as_bfloat16():
@@ -131,7 +129,7 @@ def test_bfloat16_arrays_read_as_bfloat16():
           + struct.pack("<IIiq", 0xF993FAC9, 0, 1, 3)
           + struct.pack("<iii", 1, 0, 12) + values.tobytes()
           + struct.pack("<Q", 0))
-  (array,) = read_mxnet_params(data)
+  (array,) = mxnet.read_params(data)
   assert array.dtype == ml_dtypes.bfloat16
   np.testing.assert_array_equal(array, values)
 
@@ -145,26 +143,26 @@ def named_params(names, shape=(2,)):
 
 
 def test_parameter_file_structure_checks():
-  assert list(read_mxnet_params(named_params(["a", "b"]))) == ["a", "b"]
-  with pytest.raises(MXNetFileError, match="duplicate names"):
-    read_mxnet_params(named_params(["a", "a"]))
+  assert list(mxnet.read_params(named_params(["a", "b"]))) == ["a", "b"]
+  with pytest.raises(mxnet.FileError, match="duplicate names"):
+    mxnet.read_params(named_params(["a", "a"]))
   wrong_count = named_params(["a"]).replace(
       struct.pack("<Q", 1) + struct.pack("<Q", 1) + b"a",
       struct.pack("<Q", 2) + struct.pack("<Q", 1) + b"a")
-  with pytest.raises(MXNetFileError, match="2 names for 1 arrays"):
-    read_mxnet_params(wrong_count)
-  with pytest.raises(MXNetFileError, match="cannot fit in the file"):
-    read_mxnet_params(struct.pack("<QQQ", 0x112, 0, 2**40) + bytes(64))
-  with pytest.raises(MXNetFileError, match=r"has dims \(-1, 4\)"):
-    read_mxnet_params(hostile_files.params_file((-1, 4)))
-  with pytest.raises(MXNetFileError, match="ndim -2"):
-    read_mxnet_params(hostile_files.params_file((1,) * 2).replace(
+  with pytest.raises(mxnet.FileError, match="2 names for 1 arrays"):
+    mxnet.read_params(wrong_count)
+  with pytest.raises(mxnet.FileError, match="cannot fit in the file"):
+    mxnet.read_params(struct.pack("<QQQ", 0x112, 0, 2**40) + bytes(64))
+  with pytest.raises(mxnet.FileError, match=r"has dims \(-1, 4\)"):
+    mxnet.read_params(hostile_files.params_file((-1, 4)))
+  with pytest.raises(mxnet.FileError, match="ndim -2"):
+    mxnet.read_params(hostile_files.params_file((1,) * 2).replace(
         struct.pack("<i", 2), struct.pack("<i", -2), 1))
 
 
 def test_reads_refuse_negative_sizes():
-  reader = _mxnet_files._Bytes(b"abcd", "<bytes>")
-  with pytest.raises(MXNetFileError, match="needs -1 bytes"):
+  reader = _files._Bytes(b"abcd", "<bytes>")
+  with pytest.raises(mxnet.FileError, match="needs -1 bytes"):
     reader.take(-1, "a field")
   assert bytes(reader.take(4, "a field")) == b"abcd"
 
@@ -174,16 +172,16 @@ def test_a_record_is_built_once():
   referred to them."""
   ftml = b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81"
   once = hostile_files.PROTO4 + b"}K\x00" + ftml + b"}b" + b"s."
-  assert read_mxnet_trainer_states(once).states[0].attributes == {}
-  with pytest.raises(MXNetFileError, match="BUILD on a _Pending"):
-    read_mxnet_trainer_states(hostile_files.PROTO4 + b"}K\x00" + ftml
+  assert mxnet.read_trainer_states(once).states[0].attributes == {}
+  with pytest.raises(mxnet.FileError, match="BUILD on a _Pending"):
+    mxnet.read_trainer_states(hostile_files.PROTO4 + b"}K\x00" + ftml
                               + b"}b}b" + b"s.")
 
 
 def test_globals_are_named_by_strings_and_called_without_arguments():
-  with pytest.raises(MXNetFileError, match="named by non-strings"):
-    read_mxnet_trainer_states(hostile_files.PROTO4 + b"K\x01K\x02\x93.")
-  with pytest.raises(MXNetFileError, match="called with arguments"):
-    read_mxnet_trainer_states(
+  with pytest.raises(mxnet.FileError, match="named by non-strings"):
+    mxnet.read_trainer_states(hostile_files.PROTO4 + b"K\x01K\x02\x93.")
+  with pytest.raises(mxnet.FileError, match="called with arguments"):
+    mxnet.read_trainer_states(
         hostile_files.PROTO4 + b"}K\x00\x8c\x19mxnet.optimizer.optimizer"
         b"\x8c\x04FTML\x93K\x01\x85\x81}bs.")

@@ -210,7 +210,7 @@ def test_reference_satisfies_the_collapsed_identity():
 #
 # The tests above pass hyperparameters as traced arrays; here they are Python
 # floats, as in ``ftml(0.01, b2=0.999)``, so the per-step scalars (1 - b2 in
-# float32, the float32 rounding of mxnet_ftml's arguments for float64
+# float32, the float32 rounding of mxnet.ftml's arguments for float64
 # weights) come from the code path users take.
 
 USER_SHAPES = {"w": (6, 5), "b": (7,)}
@@ -221,17 +221,18 @@ def entry_points(wd):
   """name -> (build(learning_rate), the NumPy kernel's keywords, whether a
   schedule is called with MXNet's 1-based count)."""
   ftml_kernel = dict(beta1=0.7, beta2=0.999, param_dtype=np.float64)
-  mxnet = dict(MXNET_PREPROCESSING, wd=wd)
+  preprocessing = dict(MXNET_PREPROCESSING, wd=wd)
   points = {
       "ftml": (lambda lr: optax_ftml.ftml(lr, 0.7, 0.999), ftml_kernel, False),
       "ftml lean": (lambda lr: optax_ftml.ftml(lr, b1=0.7, b2=0.999,
                                                recompute_d_prev=True),
                     ftml_kernel, False)}
   for version in (2, 1):
-    points[f"mxnet_ftml {version}"] = (
-        lambda lr, version=version: optax_ftml.mxnet_ftml(
-            lr, 0.7, 0.999, mxnet_version=version, **mxnet),
-        dict(beta1=0.7, beta2=0.999, mxnet_version=version, **mxnet), True)
+    points[f"mxnet.ftml {version}"] = (
+        lambda lr, version=version: optax_ftml.mxnet.ftml(
+            lr, 0.7, 0.999, mxnet_version=version, **preprocessing),
+        dict(beta1=0.7, beta2=0.999, mxnet_version=version, **preprocessing),
+        True)
   return points
 
 
@@ -239,7 +240,7 @@ ENTRY_POINTS = list(entry_points(0.0))
 
 
 def ftml_state(state):
-  """FTML's own state, inside an ``mxnet_ftml`` chain or not."""
+  """FTML's own state, inside an ``mxnet.ftml`` chain or not."""
   return state if hasattr(state, "v") else state[-1]
 
 
@@ -254,7 +255,7 @@ def cosine(dtype, steps):
 def test_python_floats_first_step_v_is_bit_exact(name, dtype):
   """v_1 = (1 - b2) g**2 (g after rescaling and clipping) is exact: it pins
   1 - b2 as the kernel computes it (float32: 0.000999987125; float64:
-  0.001 for ftml, 1 - (double)0.999f for mxnet_ftml)."""
+  0.001 for ftml, 1 - (double)0.999f for mxnet.ftml)."""
   build, kernel, _ = entry_points(wd=0.0)[name]
   rng = np.random.RandomState(4)
   weights = {k: rng.rand(*s).astype(dtype) for k, s in USER_SHAPES.items()}
@@ -271,7 +272,7 @@ def test_python_floats_first_step_v_is_bit_exact(name, dtype):
 
 def other_rounding(kernel):
   """The kernel's keywords with the other rounding of the hyperparameters:
-  float32 for ftml's, none for mxnet_ftml's."""
+  float32 for ftml's, none for mxnet.ftml's."""
   other = np.float32 if kernel.get("param_dtype") == np.float64 else np.float64
   return dict(kernel, param_dtype=other)
 
@@ -280,11 +281,11 @@ def other_rounding(kernel):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("name", ENTRY_POINTS)
 def test_python_floats_many_steps(name, dtype, scheduled):
-  """300 steps of each entry point (weight decay too for mxnet_ftml), with
+  """300 steps of each entry point (weight decay too for mxnet.ftml), with
   a constant learning rate or a schedule computed in the parameters' dtype
   (called with the count before the update by ftml, after it by
-  mxnet_ftml). float64: ftml computes with the given hyperparameters,
-  mxnet_ftml with their float32 roundings, and each is far from the other."""
+  mxnet.ftml). float64: ftml computes with the given hyperparameters,
+  mxnet.ftml with their float32 roundings, and each is far from the other."""
   steps = 300
   build, kernel, mxnet_count = entry_points(wd=0.03)[name]
   weights, target, noise = pull_problem(USER_SHAPES, steps, dtype, seed=3,

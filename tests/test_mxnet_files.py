@@ -9,9 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from optax_ftml import MXNetFileError
-from optax_ftml import read_mxnet_params
-from optax_ftml import read_mxnet_trainer_states
+from optax_ftml import mxnet
 
 FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
 DTYPES = ("float16", "float32", "float64", "uint8", "int8", "int32", "int64")
@@ -23,7 +21,7 @@ def array_values(dtype):
 
 
 def test_reads_every_dtype():
-  arrays = read_mxnet_params(FIXTURES / "arrays" / "dtypes.params")
+  arrays = mxnet.read_params(FIXTURES / "arrays" / "dtypes.params")
   assert list(arrays) == list(DTYPES)
   for dtype, array in arrays.items():
     assert array.dtype == np.dtype(dtype)
@@ -31,7 +29,7 @@ def test_reads_every_dtype():
 
 
 def test_reads_a_list_without_names():
-  arrays = read_mxnet_params(FIXTURES / "arrays" / "list.params")
+  arrays = mxnet.read_params(FIXTURES / "arrays" / "list.params")
   assert isinstance(arrays, list) and len(arrays) == 2
   for array, dtype in zip(arrays, ("float32", "float64"), strict=True):
     assert array.dtype == np.dtype(dtype)
@@ -39,7 +37,7 @@ def test_reads_a_list_without_names():
 
 
 def test_reads_numpy_shape_semantics():
-  arrays = read_mxnet_params(FIXTURES / "arrays" / "np_shape.params")
+  arrays = mxnet.read_params(FIXTURES / "arrays" / "np_shape.params")
   assert arrays["scalar"].shape == () and arrays["scalar"] == np.float32(2.5)
   assert arrays["empty"].shape == (0, 3)
   np.testing.assert_array_equal(arrays["float32"], array_values("float32"))
@@ -47,20 +45,20 @@ def test_reads_numpy_shape_semantics():
 
 def test_reads_bytes_and_refuses_other_inputs():
   path = FIXTURES / "arrays" / "dtypes.params"
-  from_bytes = read_mxnet_params(path.read_bytes())
+  from_bytes = mxnet.read_params(path.read_bytes())
   for dtype in DTYPES:
     np.testing.assert_array_equal(from_bytes[dtype], array_values(dtype))
   with pytest.raises(TypeError, match="path or bytes"):
-    read_mxnet_params(1234)  # pyright: ignore[reportArgumentType]
+    mxnet.read_params(1234)  # pyright: ignore[reportArgumentType]
 
 
 def test_refuses_sparse_storage():
-  with pytest.raises(MXNetFileError, match="row_sparse storage"):
-    read_mxnet_params(FIXTURES / "arrays" / "row_sparse.params")
+  with pytest.raises(mxnet.FileError, match="row_sparse storage"):
+    mxnet.read_params(FIXTURES / "arrays" / "row_sparse.params")
 
 
 def test_reads_pickled_ndarrays():
-  saved = read_mxnet_trainer_states(FIXTURES / "arrays" / "dtypes.states")
+  saved = mxnet.read_trainer_states(FIXTURES / "arrays" / "dtypes.states")
   assert saved.optimizer is None and sorted(saved.states) == [0, 1]
   for arrays in saved.states.values():
     for array, dtype in zip(arrays, DTYPES[:3], strict=True):
@@ -70,13 +68,13 @@ def test_reads_pickled_ndarrays():
 
 def test_gluon_files():
   network = json.loads((FIXTURES / "gluon" / "network.json").read_text())
-  params = read_mxnet_params(FIXTURES / "gluon" / "model.params")
+  params = mxnet.read_params(FIXTURES / "gluon" / "model.params")
   # Gluon's parameter file is keyed by structural position, nested blocks
   # included; running statistics are saved with the parameters.
   assert sorted(params) == sorted(network["full_names"])
   assert params["4.0.weight"].shape == (6, 48)
   assert params["0.weight"].shape == (3, 1, 3, 3)
-  saved = read_mxnet_trainer_states(FIXTURES / "gluon" / "trainer.states")
+  saved = mxnet.read_trainer_states(FIXTURES / "gluon" / "trainer.states")
   stateless = {network["trainer_indices"][n]
                for n, req in network["grad_req"].items() if req == "null"}
   assert stateless and set(saved.states) == set(range(10)) - stateless
@@ -101,19 +99,19 @@ def every_truncation(data):
 def test_truncated_or_extended_parameter_files_are_refused(name):
   data = (FIXTURES / name).read_bytes()
   for truncated in every_truncation(data):
-    with pytest.raises(MXNetFileError):
-      read_mxnet_params(truncated)
-  with pytest.raises(MXNetFileError, match="bytes after the names"):
-    read_mxnet_params(data + b"\0")
+    with pytest.raises(mxnet.FileError):
+      mxnet.read_params(truncated)
+  with pytest.raises(mxnet.FileError, match="bytes after the names"):
+    mxnet.read_params(data + b"\0")
 
 
 def test_corrupted_parameter_files_are_refused():
   data = bytearray((FIXTURES / "gluon" / "model.params").read_bytes())
-  with pytest.raises(MXNetFileError, match="not an MXNet NDArray file"):
-    read_mxnet_params(b"\x13" + bytes(data[1:]))
+  with pytest.raises(mxnet.FileError, match="not an MXNet NDArray file"):
+    mxnet.read_params(b"\x13" + bytes(data[1:]))
   data[24] ^= 0xFF  # the first array's magic number
-  with pytest.raises(MXNetFileError, match="not an NDArray magic"):
-    read_mxnet_params(bytes(data))
+  with pytest.raises(mxnet.FileError, match="not an NDArray magic"):
+    mxnet.read_params(bytes(data))
 
 
 @pytest.mark.parametrize("name", ["gluon/trainer.states",
@@ -121,16 +119,16 @@ def test_corrupted_parameter_files_are_refused():
 def test_truncated_trainer_state_files_are_refused(name):
   data = (FIXTURES / name).read_bytes()
   for truncated in every_truncation(data):
-    with pytest.raises(MXNetFileError, match="truncated or corrupted"):
-      read_mxnet_trainer_states(truncated)
+    with pytest.raises(mxnet.FileError, match="truncated or corrupted"):
+      mxnet.read_trainer_states(truncated)
 
 
 def test_corrupted_pickled_ndarray_is_refused():
   data = (FIXTURES / "gluon" / "trainer.states").read_bytes()
   magic = (0xF993FAC9).to_bytes(4, "little")
   assert magic in data
-  with pytest.raises(MXNetFileError, match="not an NDArray magic"):
-    read_mxnet_trainer_states(data.replace(magic, b"\0\0\0\0", 1))
+  with pytest.raises(mxnet.FileError, match="not an NDArray magic"):
+    mxnet.read_trainer_states(data.replace(magic, b"\0\0\0\0", 1))
 
 
 class RunsACommand:
@@ -149,9 +147,9 @@ def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
   # The command in place of a parameter's state, or of the optimizer.
   for payload in [{0: (command,)}, ({}, command)]:
     data = pickle.dumps(payload)
-    with pytest.raises(MXNetFileError,
+    with pytest.raises(mxnet.FileError,
                        match=r"refused to load (posix|os|nt)\.system"):
-      read_mxnet_trainer_states(data)
+      mxnet.read_trainer_states(data)
     assert not marker.exists()
   # The same bytes do run the command when unpickled without the allow-list.
   pickle.loads(data)
@@ -165,25 +163,25 @@ def test_a_malicious_pickle_is_refused_and_nothing_runs(tmp_path):
 ])
 def test_globals_outside_the_allow_list_are_refused(module, name):
   data = b"\x80\x04" + f"c{module}\n{name}\n)R.".encode()
-  with pytest.raises(MXNetFileError, match=f"refused to load {module}.{name}"):
-    read_mxnet_trainer_states(data)
+  with pytest.raises(mxnet.FileError, match=f"refused to load {module}.{name}"):
+    mxnet.read_trainer_states(data)
 
 
 def test_allowed_constructors_cannot_allocate_or_call():
   # bytearray(10**12) would allocate a terabyte: only bytes are accepted.
-  with pytest.raises(MXNetFileError, match="bytearray of int"):
-    read_mxnet_trainer_states(
+  with pytest.raises(mxnet.FileError, match="bytearray of int"):
+    mxnet.read_trainer_states(
         b"\x80\x04cbuiltins\nbytearray\n\x8a\x06\x00\x10\xa5\xd4\xe8\x00\x85R.")
   # An NDArray with no data is corrupt, not a call.
-  with pytest.raises(MXNetFileError, match="NDArray has no data"):
-    read_mxnet_trainer_states(
+  with pytest.raises(mxnet.FileError, match="NDArray has no data"):
+    mxnet.read_trainer_states(
         b"\x80\x04}K\x00cmxnet.ndarray.ndarray\nNDArray\nN\x85R}\x8c\x06handle"
         b"Nsbs.")
 
 
 def test_other_pickles_are_not_trainer_states():
-  with pytest.raises(MXNetFileError, match="not an MXNet trainer-state file"):
-    read_mxnet_trainer_states(pickle.dumps([1, 2]))
-  with pytest.raises(MXNetFileError, match="integer indices"):
-    read_mxnet_trainer_states(pickle.dumps({"a": 1}))
+  with pytest.raises(mxnet.FileError, match="not an MXNet trainer-state file"):
+    mxnet.read_trainer_states(pickle.dumps([1, 2]))
+  with pytest.raises(mxnet.FileError, match="integer indices"):
+    mxnet.read_trainer_states(pickle.dumps({"a": 1}))
 

@@ -1,4 +1,4 @@
-"""``mxnet_ftml``: MXNet's argument names in, the equivalent Optax chain out."""
+"""``mxnet.ftml``: MXNet's argument names in, the equivalent Optax chain out."""
 
 import itertools
 
@@ -11,7 +11,7 @@ import pytest
 from helpers import noisy_pull
 from helpers import run
 from mxnet_reference import trajectory
-from optax_ftml import mxnet_ftml
+from optax_ftml import mxnet
 
 STEPS = 100
 
@@ -43,7 +43,7 @@ def assert_close(actual, expected, dtype=np.float32):
 def test_matches_mxnet_kernel(problem, mxnet_version, beta1, beta2, clip_gradient,
                               rescale_grad, wd):
   params, noise, target = problem
-  opt = mxnet_ftml(0.01, beta1, beta2, wd=wd, rescale_grad=rescale_grad,
+  opt = mxnet.ftml(0.01, beta1, beta2, wd=wd, rescale_grad=rescale_grad,
                    clip_gradient=clip_gradient, mxnet_version=mxnet_version)
   expected, _ = trajectory(
       params, noise, np.full(STEPS, 0.01), noisy_pull(target), beta1=beta1,
@@ -57,7 +57,7 @@ def test_clip_and_decay_orders_differ(problem):
   each helper version matches its own MXNet version only."""
   params, noise, target = problem
   kwargs = dict(wd=5.0, clip_gradient=0.3)
-  trajectories = {v: run(mxnet_ftml(0.01, mxnet_version=v, **kwargs), params,
+  trajectories = {v: run(mxnet.ftml(0.01, mxnet_version=v, **kwargs), params,
                          noise, noisy_pull(target))[0] for v in (1, 2)}
   for version in (1, 2):
     expected, _ = trajectory(params, noise, np.full(STEPS, 0.01),
@@ -67,11 +67,11 @@ def test_clip_and_decay_orders_differ(problem):
 
 
 def test_schedule_follows_mxnet_convention(problem):
-  """A schedule given to mxnet_ftml is called with MXNet's 1-based count."""
+  """A schedule given to mxnet.ftml is called with MXNet's 1-based count."""
   params, noise, target = problem
   table = (0.02 * 0.97 ** np.arange(STEPS + 1)).astype(np.float32)
   table_jax = jnp.asarray(table)
-  opt = mxnet_ftml(lambda num_update: table_jax[num_update])
+  opt = mxnet.ftml(lambda num_update: table_jax[num_update])
   expected, _ = trajectory(params, noise, table[1:], noisy_pull(target))
   assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
@@ -89,7 +89,7 @@ def test_lr_mult_and_wd_mult(problem, dtype, scheduled):
       STEPS + 1, 0.01)
   with jax.enable_x64(dtype == np.float64):
     table = jnp.asarray(rates.astype(dtype))
-    opt = mxnet_ftml((lambda num_update: table[num_update]) if scheduled
+    opt = mxnet.ftml((lambda num_update: table[num_update]) if scheduled
                      else 0.01, wd=0.05, lr_mult=lr_mult, wd_mult=wd_mult)
     ours = run(opt, params, noise, noisy_pull(target))[0]
   per_leaf = {k: dict(lr_mult=lr_mult[k], wd=0.05 * wd_mult[k]) for k in params}
@@ -104,7 +104,7 @@ def test_lr_mult_and_wd_mult(problem, dtype, scheduled):
 
 def test_zero_lr_mult_freezes_a_parameter(problem):
   params, noise, target = problem
-  trajectory = run(mxnet_ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}), params, noise,
+  trajectory = run(mxnet.ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}), params, noise,
                    noisy_pull(target))[0]
   np.testing.assert_array_equal(trajectory["b"][-1], params["b"])
   assert np.abs(trajectory["w"][-1] - params["w"]).max() > 0.1
@@ -114,7 +114,7 @@ def test_zero_lr_mult_freezes_a_parameter(problem):
 def test_falsy_or_negative_clip_disables_clipping(problem, disabled):
   params, noise, target = problem
   noise = jax.tree.map(lambda n: 10 * n, noise)  # well beyond any clip value
-  unclipped = run(mxnet_ftml(0.01), params, noise, noisy_pull(target))[0]
+  unclipped = run(mxnet.ftml(0.01), params, noise, noisy_pull(target))[0]
   chex.assert_trees_all_equal(
-      run(mxnet_ftml(0.01, clip_gradient=disabled), params, noise,
+      run(mxnet.ftml(0.01, clip_gradient=disabled), params, noise,
           noisy_pull(target))[0], unclipped)

@@ -22,9 +22,8 @@ import pathlib
 import numpy as np
 import pytest
 
-from optax_ftml import read_mxnet_params
-from optax_ftml import read_mxnet_trainer_states
-from optax_ftml._mxnet_files import _safe_loads
+from optax_ftml import mxnet
+from optax_ftml.mxnet._files import _safe_loads
 
 ROOT = pathlib.Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "mxnet_fixtures"
@@ -33,7 +32,7 @@ FIXTURES = ROOT / "tests" / "mxnet_fixtures"
 MXNET2 = "gluon2"
 COMMITTED = {
     "fixtures": (FIXTURES, lambda path: path.parts[0] != MXNET2),
-    "example": (ROOT / "optax_ftml" / "mxnet_example", lambda path: True),
+    "example": (ROOT / "optax_ftml" / "mxnet" / "example", lambda path: True),
     "fixtures2": (FIXTURES, lambda path: path.parts[0] == MXNET2),
 }
 RECORDING = os.environ.get("OPTAX_FTML_MXNET_RECORDING")
@@ -57,9 +56,9 @@ def arrays(path):
     with np.load(path) as archive:
       return dict(archive)
   if path.suffix == ".params":
-    loaded = read_mxnet_params(path)
+    loaded = mxnet.read_params(path)
     return dict(enumerate(loaded)) if isinstance(loaded, list) else loaded
-  saved = read_mxnet_trainer_states(path)
+  saved = mxnet.read_trainer_states(path)
   out = {f"{i}/{k}": a for i, state in saved.states.items()
          for k, a in enumerate(state)}
   if saved.optimizer is not None:

@@ -28,16 +28,9 @@ import pytest
 
 import optax_ftml
 from optax_ftml import FTMLState
-from optax_ftml import MXNetObject
-from optax_ftml import MXNetTrainerStates
-from optax_ftml import _mxnet_schedules
-from optax_ftml import module_wd_mult
-from optax_ftml import mxnet_lr_schedule
-from optax_ftml import mxnet_to_flax_layout
-from optax_ftml import read_mxnet_params
-from optax_ftml import read_mxnet_trainer_states
-from optax_ftml import resume_mxnet_ftml
-from optax_ftml._mxnet_files import _safe_loads
+from optax_ftml import mxnet
+from optax_ftml.mxnet import _schedules
+from optax_ftml.mxnet._files import _safe_loads
 
 FIXTURES = pathlib.Path(__file__).parent / "mxnet_fixtures"
 GLUON = FIXTURES / "gluon"
@@ -95,7 +88,7 @@ def check_run(run, record, names, to_mxnet=lambda name, x: x):
 
 def gluon_setup():
   network, record = load(GLUON)
-  weights = read_mxnet_params(GLUON / "model.params")
+  weights = mxnet.read_params(GLUON / "model.params")
   trained = [n for n, req in network["grad_req"].items() if req != "null"]
   return network, record, weights, trained
 
@@ -134,7 +127,7 @@ def layout_conversions(layout):
   """MXNet's layout to the tested one, and back (to compare with MXNet)."""
   if layout == "mxnet":
     return (lambda n, x: x), (lambda n, x: x)
-  return mxnet_to_flax_layout, lambda n, x: np.transpose(
+  return mxnet.to_flax_layout, lambda n, x: np.transpose(
       x, (x.ndim - 1, x.ndim - 2, *range(x.ndim - 2))) if x.ndim >= 2 else x
 
 
@@ -143,7 +136,7 @@ def test_gluon_run_continues_as_in_mxnet(layout):
   network, record, weights, trained = gluon_setup()
   convert, back = layout_conversions(layout)
   params = {n: jnp.asarray(convert(n, weights[n])) for n in trained}
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       GLUON / "trainer.states", params,
       indices={n: network["trainer_indices"][n] for n in trained},
       layout=convert if layout == "flax" else None,
@@ -163,7 +156,7 @@ def test_multipliers_in_the_file_are_used():
       wd_mult={"dense1_bias": network["wd_mult"]["4.1.bias"]},
       idx2name={indices["4.1.bias"]: "dense1_bias"})
   params = {n: jnp.asarray(weights[n]) for n in trained}
-  optimizer, state = resume_mxnet_ftml(saved, params, indices=indices)
+  optimizer, state = mxnet.resume(saved, params, indices=indices)
   run = continue_run(
       optimizer, state, params, network["steps_after"],
       lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
@@ -174,7 +167,7 @@ def test_gluon_state_has_init_structure_and_file_values():
   network, _, weights, trained = gluon_setup()
   params = {n: jnp.asarray(weights[n]) for n in trained}
   indices = {n: network["trainer_indices"][n] for n in trained}
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       GLUON / "trainer.states", params, indices=indices,
       hyperparameters=gluon_multipliers(network, trained))
   fresh = optimizer.init(params)
@@ -186,7 +179,7 @@ def test_gluon_state_has_init_structure_and_file_values():
       state, is_leaf=lambda x: isinstance(x, FTMLState))
             if isinstance(s, FTMLState)}
   assert counts == {network["steps_before"]}
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   buffers = ftml_buffers(state)
   for name in trained:
     for key, array in zip("dvz", saved.states[indices[name]], strict=True):
@@ -197,8 +190,8 @@ def test_gluon_default_order_is_the_trainer_order():
   """A tree keyed by Gluon's full names flattens in the trainer's order."""
   network, _, weights, trained = gluon_setup()
   full = {network["full_names"][n]: jnp.asarray(weights[n]) for n in trained}
-  by_order = resume_mxnet_ftml(GLUON / "trainer.states", full)[1]
-  by_name = resume_mxnet_ftml(
+  by_order = mxnet.resume(GLUON / "trainer.states", full)[1]
+  by_name = mxnet.resume(
       GLUON / "trainer.states", full,
       indices={network["full_names"][n]: network["trainer_indices"][n]
                for n in trained})[1]
@@ -207,9 +200,9 @@ def test_gluon_default_order_is_the_trainer_order():
 
 def test_gluon_schedule_gives_mxnet_learning_rates():
   network, _ = load(GLUON)
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   assert saved.optimizer is not None
-  schedule = mxnet_lr_schedule(saved.optimizer.attributes["lr_scheduler"])
+  schedule = mxnet.lr_schedule(saved.optimizer.attributes["lr_scheduler"])
   first = network["steps_before"] + 1
   rates = [schedule(n) for n in range(first, first + network["steps_after"])]
   np.testing.assert_array_equal(np.float32(rates),
@@ -219,13 +212,13 @@ def test_gluon_schedule_gives_mxnet_learning_rates():
 def module_setup():
   network, record = load(MODULE)
   names = network["param_names"]
-  weights = read_mxnet_params(MODULE / "module-0001.params")
+  weights = mxnet.read_params(MODULE / "module-0001.params")
   params = {n: jnp.asarray(weights["arg:" + n]) for n in names}
   hyperparameters = {
       "learning_rate": network["learning_rate"], "wd": network["wd"],
       "clip_gradient": network["clip_gradient"],
       "rescale_grad": 1 / network["batch_size"],
-      "wd_mult": module_wd_mult({n: n for n in names})}
+      "wd_mult": mxnet.module_wd_mult({n: n for n in names})}
   return network, record, names, params, hyperparameters
 
 
@@ -233,16 +226,16 @@ def test_module_wd_mult_is_the_modules_rule():
   network, _ = load(MODULE)
   names = network["param_names"]
   recorded = {n: network["wd_mult"].get(n, 1.0) for n in names}
-  assert module_wd_mult({n: n for n in names}) == recorded
-  assert module_wd_mult(["bn_gamma", "bn_beta", "arg:conv_weight",
+  assert mxnet.module_wd_mult({n: n for n in names}) == recorded
+  assert mxnet.module_wd_mult(["bn_gamma", "bn_beta", "arg:conv_weight",
                          "moving_mean"]) == [1.0, 0.0, 1.0, 0.0]
   with pytest.raises(TypeError, match="strings"):
-    module_wd_mult([1])
+    mxnet.module_wd_mult([1])
 
 
 def module_run(hyperparameters):
   network, record, names, params, _ = module_setup()
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       MODULE / "module-0001.states", params,
       indices={n: i for i, n in enumerate(names)},
       hyperparameters=hyperparameters, num_update=network["steps_before"])
@@ -263,7 +256,7 @@ def test_module_run_needs_the_module_wd_mult_rule():
   with pytest.raises(AssertionError):
     check_run(module_run(wrong), record, names)
   del hyperparameters["wd_mult"]
-  with pytest.raises(ValueError, match=r"module_wd_mult"):
+  with pytest.raises(ValueError, match=r"mxnet.module_wd_mult"):
     module_run(hyperparameters)
   # Without weight decay the multipliers do not matter.
   list(module_run({**hyperparameters, "wd": 0.0}))
@@ -274,7 +267,7 @@ def test_module_wrong_default_order_points_to_indices():
   them in the symbol's order (fc1_weight first): the shapes disagree."""
   network, _, _, params, hyperparameters = module_setup()
   with pytest.raises(ValueError, match=r"pass indices="):
-    resume_mxnet_ftml(MODULE / "module-0001.states", params,
+    mxnet.resume(MODULE / "module-0001.states", params,
                       hyperparameters=hyperparameters,
                       num_update=network["steps_before"])
 
@@ -284,7 +277,7 @@ def test_resumed_state_is_sharded_like_init():
   network, _, _, params, hyperparameters = module_setup()
   sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
   params = jax.device_put(params, sharding)
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       MODULE / "module-0001.states", params,
       indices={n: i for i, n in enumerate(network["param_names"])},
       hyperparameters=hyperparameters, num_update=network["steps_before"])
@@ -295,9 +288,9 @@ def test_resumed_state_is_sharded_like_init():
   # Sharded over the 8 devices along the first axis where it divides.
   split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("x"))
   wide = {"w": jax.device_put(jnp.zeros((8, 3), jnp.float32), split)}
-  saved = MXNetTrainerStates({0: tuple(np.ones((8, 3), np.float32)
+  saved = mxnet.TrainerStates({0: tuple(np.ones((8, 3), np.float32)
                                        for _ in range(3))}, None)
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       saved, wide, hyperparameters={"learning_rate": 0.1, "rescale_grad": 1.0},
       num_update=1)
   buffers = [x for x in jax.tree.leaves(state) if x.ndim == 2]
@@ -311,15 +304,15 @@ def test_module_files_need_hyperparameters_and_step_count():
   network, _, names, params, hyperparameters = module_setup()
   path = MODULE / "module-0001.states"
   with pytest.raises(ValueError, match=r"learning_rate.*rescale_grad.*num_update"):
-    resume_mxnet_ftml(path, params)
+    mxnet.resume(path, params)
   with pytest.raises(ValueError, match=r"num_update=.*\(missing\)"):
-    resume_mxnet_ftml(path, params, hyperparameters=hyperparameters)
+    mxnet.resume(path, params, hyperparameters=hyperparameters)
   with pytest.raises(ValueError,
                      match=r"num_update must be an integer in \[1, 2\*\*31\)"):
-    resume_mxnet_ftml(path, params, hyperparameters=hyperparameters,
+    mxnet.resume(path, params, hyperparameters=hyperparameters,
                       num_update=0)
   with pytest.raises(ValueError, match="only for Module files"):
-    resume_mxnet_ftml(GLUON / "trainer.states", gluon_params(), num_update=3)
+    mxnet.resume(GLUON / "trainer.states", gluon_params(), num_update=3)
   del network, names
 
 
@@ -329,22 +322,22 @@ def gluon_params():
 
 
 def with_optimizer_attributes(**changes):
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   assert saved.optimizer is not None
   saved.optimizer.attributes.update(changes)
   return saved
 
 
 def test_differing_step_counts_are_refused():
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   assert saved.optimizer is not None
   counts = dict(saved.optimizer.attributes["_index_update_count"])
   counts[min(counts)] -= 1
   with pytest.raises(ValueError, match="updated different numbers of times"):
-    resume_mxnet_ftml(with_optimizer_attributes(_index_update_count=counts),
+    mxnet.resume(with_optimizer_attributes(_index_update_count=counts),
                       gluon_params())
   with pytest.raises(ValueError, match="num_update"):
-    resume_mxnet_ftml(with_optimizer_attributes(num_update=99), gluon_params())
+    mxnet.resume(with_optimizer_attributes(num_update=99), gluon_params())
 
 
 def test_missing_and_unmapped_states_are_refused():
@@ -355,36 +348,36 @@ def test_missing_and_unmapped_states_are_refused():
   # BatchNorm's running mean (grad_req='null') has an index but no state.
   running_mean = network["trainer_indices"]["1.running_mean"]
   with pytest.raises(ValueError, match="no state for"):
-    resume_mxnet_ftml(path, params, indices={**indices, "1.beta": running_mean})
+    mxnet.resume(path, params, indices={**indices, "1.beta": running_mean})
   smaller = {n: p for n, p in params.items() if n != "0.bias"}
   with pytest.raises(ValueError, match="not mapped to any leaf"):
-    resume_mxnet_ftml(path, smaller, indices={n: indices[n] for n in smaller})
+    mxnet.resume(path, smaller, indices={n: indices[n] for n in smaller})
   with pytest.raises(ValueError, match="states for 8 parameters"):
-    resume_mxnet_ftml(path, smaller)
+    mxnet.resume(path, smaller)
   with pytest.raises(ValueError, match="leaves without an index"):
-    resume_mxnet_ftml(path, params, indices={"0.bias": 4})
-  states = dict(read_mxnet_trainer_states(path).states)
+    mxnet.resume(path, params, indices={"0.bias": 4})
+  states = dict(mxnet.read_trainer_states(path).states)
   del states[indices["0.bias"]]
-  saved = MXNetTrainerStates(states, read_mxnet_trainer_states(path).optimizer)
+  saved = mxnet.TrainerStates(states, mxnet.read_trainer_states(path).optimizer)
   with pytest.raises(ValueError, match="no state for"):
-    resume_mxnet_ftml(saved, params, indices=indices)
+    mxnet.resume(saved, params, indices=indices)
 
 
 def test_layout_mismatch_is_refused():
   network, _, weights, trained = gluon_setup()
-  params = {n: jnp.asarray(mxnet_to_flax_layout(n, weights[n])) for n in trained}
+  params = {n: jnp.asarray(mxnet.to_flax_layout(n, weights[n])) for n in trained}
   indices = {n: network["trainer_indices"][n] for n in trained}
   with pytest.raises(ValueError, match="pass layout="):
-    resume_mxnet_ftml(GLUON / "trainer.states", params, indices=indices)
+    mxnet.resume(GLUON / "trainer.states", params, indices=indices)
 
 
 def test_other_optimizers_and_unknown_hyperparameters_are_refused():
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
-  adam = MXNetObject("mxnet.optimizer.optimizer.Adam")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
+  adam = mxnet.PickledObject("mxnet.optimizer.optimizer.Adam")
   with pytest.raises(ValueError, match=r"optimizer\.Adam optimizer, not FTML"):
-    resume_mxnet_ftml(MXNetTrainerStates(saved.states, adam), gluon_params())
+    mxnet.resume(mxnet.TrainerStates(saved.states, adam), gluon_params())
   with pytest.raises(ValueError, match="unknown hyperparameters"):
-    resume_mxnet_ftml(saved, gluon_params(), hyperparameters={"lr": 0.1})
+    mxnet.resume(saved, gluon_params(), hyperparameters={"lr": 0.1})
 
 
 SCHEDULES = json.loads((FIXTURES / "schedulers" / "lrs.json").read_text())
@@ -407,7 +400,7 @@ def test_schedulers_give_mxnet_float32_rates_bit_for_bit(name):
   n = np.arange(1, len(rates) + 1)
   for kind, first in (("fresh", 1), ("paused", paused + 1)):
     data = (FIXTURES / "schedulers" / f"{name}-{kind}.pkl").read_bytes()
-    schedule = jax.jit(jax.vmap(mxnet_lr_schedule(_safe_loads(data, name))))
+    schedule = jax.jit(jax.vmap(mxnet.lr_schedule(_safe_loads(data, name))))
     ours = np.asarray(schedule(n))[first - 1:]
     assert ours.dtype == np.float32
     np.testing.assert_array_equal(ulps_apart(ours, rates[first - 1:]), 0,
@@ -419,34 +412,34 @@ def test_schedulers_give_mxnet_float32_rates_bit_for_bit(name):
 
 @pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_schedules_beyond_the_tables_stay_within_a_few_ulps(name, monkeypatch):
-  monkeypatch.setattr(_mxnet_schedules, "_MAX_TABULATED_UPDATES", 7)
-  monkeypatch.setattr(_mxnet_schedules, "_MAX_TABULATED_DECAYS", 3)
+  monkeypatch.setattr(_schedules, "_MAX_TABULATED_UPDATES", 7)
+  monkeypatch.setattr(_schedules, "_MAX_TABULATED_DECAYS", 3)
   rates = np.float32(SCHEDULES[name])
   data = (FIXTURES / "schedulers" / f"{name}-fresh.pkl").read_bytes()
-  schedule = jax.jit(jax.vmap(mxnet_lr_schedule(_safe_loads(data, name))))
+  schedule = jax.jit(jax.vmap(mxnet.lr_schedule(_safe_loads(data, name))))
   ours = np.asarray(schedule(np.arange(1, len(rates) + 1)))
   assert ulps_apart(ours, rates).max() <= 8
 
 
 def test_unknown_scheduler_is_refused():
-  base = MXNetObject("mxnet.lr_scheduler.LRScheduler")
+  base = mxnet.PickledObject("mxnet.lr_scheduler.LRScheduler")
   with pytest.raises(ValueError, match=r"unsupported MXNet scheduler"
                      r" mxnet\.lr_scheduler\.LRScheduler"):
-    mxnet_lr_schedule(base)
-  with pytest.raises(TypeError, match="MXNetObject"):
-    mxnet_lr_schedule(lambda n: 0.1)  # pyright: ignore[reportArgumentType]
+    mxnet.lr_schedule(base)
+  with pytest.raises(TypeError, match=r"mxnet\.PickledObject"):
+    mxnet.lr_schedule(lambda n: 0.1)  # pyright: ignore[reportArgumentType]
   # A pickled custom scheduler is refused when the file is read.
-  with pytest.raises(optax_ftml.MXNetFileError, match=r"__main__\.WarmupCosine"):
-    read_mxnet_trainer_states(b"\x80\x04c__main__\nWarmupCosine\n)R.")
+  with pytest.raises(optax_ftml.mxnet.FileError, match=r"__main__\.WarmupCosine"):
+    mxnet.read_trainer_states(b"\x80\x04c__main__\nWarmupCosine\n)R.")
 
 
 def test_mxnet_to_flax_layout():
-  assert mxnet_to_flax_layout("w", np.zeros((5, 3))).shape == (3, 5)
-  assert mxnet_to_flax_layout("w", np.zeros((8, 2, 3, 4))).shape == (3, 4, 2, 8)
-  assert mxnet_to_flax_layout("w", np.zeros((8, 2, 3))).shape == (3, 2, 8)
-  assert mxnet_to_flax_layout("b", np.zeros(5)).shape == (5,)
+  assert mxnet.to_flax_layout("w", np.zeros((5, 3))).shape == (3, 5)
+  assert mxnet.to_flax_layout("w", np.zeros((8, 2, 3, 4))).shape == (3, 4, 2, 8)
+  assert mxnet.to_flax_layout("w", np.zeros((8, 2, 3))).shape == (3, 2, 8)
+  assert mxnet.to_flax_layout("b", np.zeros(5)).shape == (5,)
   dense = np.arange(6).reshape(2, 3)
-  np.testing.assert_array_equal(mxnet_to_flax_layout("w", dense), dense.T)
+  np.testing.assert_array_equal(mxnet.to_flax_layout("w", dense), dense.T)
 
 
 GUIDE = FIXTURES.parent.parent / "docs" / "guides" / "resuming_mxnet_run.md"
@@ -471,7 +464,7 @@ def test_guide_python_blocks(monkeypatch, capsys):
 HOSTILE_VALUES = [
     "x", "", None, True, b"0.1", bytearray(b"\x01"), [0.1], {"a": 1},
     np.array([1.0]), np.array([0.1, 0.2, 0.3]), float("nan"), float("inf"),
-    -5, 2**4096, 1e308, MXNetObject("mxnet.lr_scheduler.FactorScheduler"),
+    -5, 2**4096, 1e308, mxnet.PickledObject("mxnet.lr_scheduler.FactorScheduler"),
 ]
 
 
@@ -495,9 +488,9 @@ VALID = {"clip_gradient": (None, -5), "rescale_grad": (-5,),
 
 def test_hostile_file_values_are_refused_or_give_finite_steps():
   """Every FTML and scheduler attribute replaced by each hostile value: the
-  resume refuses it with an MXNetFileError, unless the attribute is not read
+  resume refuses it with an mxnet.FileError, unless the attribute is not read
   or the value is valid there, and then takes a finite step."""
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   assert saved.optimizer is not None
   params = gluon_params()
   grads = jax.tree.map(jnp.ones_like, params)
@@ -508,14 +501,14 @@ def test_hostile_file_values_are_refused_or_give_finite_steps():
   outcomes = {"refused": 0, "finite": 0}
   for where, key in keys:
     for value in HOSTILE_VALUES:
-      changed = read_mxnet_trainer_states(GLUON / "trainer.states")
+      changed = mxnet.read_trainer_states(GLUON / "trainer.states")
       assert changed.optimizer is not None
       record = (changed.optimizer if where == "optimizer"
                 else changed.optimizer.attributes["lr_scheduler"])
       record.attributes[key] = value
       try:
-        optimizer, state = resume_mxnet_ftml(changed, params)
-      except optax_ftml.MXNetFileError:
+        optimizer, state = mxnet.resume(changed, params)
+      except optax_ftml.mxnet.FileError:
         outcomes["refused"] += 1
         continue
       assert where == "optimizer" and (key in UNREAD or any(
@@ -542,8 +535,8 @@ def test_hostile_file_values_are_refused_or_give_finite_steps():
     ({"warmup_begin_lr": 1.0}, "warmup_begin_lr is 1.0; .* at most"),
 ])
 def test_factor_scheduler_fields_are_checked(changes, message):
-  with pytest.raises(optax_ftml.MXNetFileError, match=message):
-    mxnet_lr_schedule(scheduler_record("factor", **changes))
+  with pytest.raises(optax_ftml.mxnet.FileError, match=message):
+    mxnet.lr_schedule(scheduler_record("factor", **changes))
 
 
 @pytest.mark.parametrize("name, changes, message", [
@@ -559,13 +552,13 @@ def test_factor_scheduler_fields_are_checked(changes, message):
     ("cosine", {"base_lr_orig": -0.1}, "base_lr_orig is -0.1"),
 ])
 def test_decay_scheduler_fields_are_checked(name, changes, message):
-  with pytest.raises(optax_ftml.MXNetFileError, match=message):
-    mxnet_lr_schedule(scheduler_record(name, **changes))
+  with pytest.raises(optax_ftml.mxnet.FileError, match=message):
+    mxnet.lr_schedule(scheduler_record(name, **changes))
 
 
 def test_a_long_step_list_is_one_comparison():
   steps = list(range(10, 100_010, 10))  # the most steps allowed: 10,000
-  schedule = mxnet_lr_schedule(scheduler_record(
+  schedule = mxnet.lr_schedule(scheduler_record(
       "multifactor", step=steps, cur_step_ind=0, factor=0.999, base_lr=0.1))
   rate = jax.jit(schedule)
   hlo = rate.lower(5000).as_text()
@@ -591,8 +584,8 @@ def test_a_long_step_list_is_one_comparison():
     ({"idx2name": [1]}, "idx2name is a list"),
 ])
 def test_ftml_fields_are_checked(changes, message):
-  with pytest.raises(optax_ftml.MXNetFileError, match=message):
-    resume_mxnet_ftml(with_optimizer_attributes(**changes), gluon_params())
+  with pytest.raises(optax_ftml.mxnet.FileError, match=message):
+    mxnet.resume(with_optimizer_attributes(**changes), gluon_params())
 
 
 def test_multipliers_are_looked_up_by_index_before_name():
@@ -602,7 +595,7 @@ def test_multipliers_are_looked_up_by_index_before_name():
   index = indices["0.weight"]
   saved = with_optimizer_attributes(lr_mult={index: 0.0, "conv": 1.0},
                                     idx2name={index: "conv"})
-  optimizer, state = resume_mxnet_ftml(saved, params, indices=indices)
+  optimizer, state = mxnet.resume(saved, params, indices=indices)
   grads = jax.tree.map(jnp.ones_like, params)
   updates, _ = optimizer.update(grads, state, params)
   assert not np.asarray(updates["0.weight"]).any()  # lr_mult 0: frozen
@@ -610,13 +603,13 @@ def test_multipliers_are_looked_up_by_index_before_name():
 
 
 def test_default_order_sorts_the_files_indices():
-  saved = read_mxnet_trainer_states(GLUON / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON / "trainer.states")
   assert saved.optimizer is not None
   reversed_states = dict(sorted(saved.states.items(), reverse=True))
   params = gluon_params()
-  in_file_order = resume_mxnet_ftml(
-      MXNetTrainerStates(reversed_states, saved.optimizer), params)[1]
-  sorted_order = resume_mxnet_ftml(saved, params)[1]
+  in_file_order = mxnet.resume(
+      mxnet.TrainerStates(reversed_states, saved.optimizer), params)[1]
+  sorted_order = mxnet.resume(saved, params)[1]
   jax.tree.map(np.testing.assert_array_equal, in_file_order, sorted_order)
 
 
@@ -625,7 +618,7 @@ def test_repeated_indices_are_refused():
   indices = {n: network["trainer_indices"][n] for n in trained}
   params = {n: jnp.asarray(weights[n]) for n in trained}
   with pytest.raises(ValueError, match="repeat an index"):
-    resume_mxnet_ftml(GLUON / "trainer.states", params,
+    mxnet.resume(GLUON / "trainer.states", params,
                       indices={**indices, "0.bias": indices["0.weight"]})
 
 
@@ -637,7 +630,7 @@ def test_partial_multiplier_trees_default_to_one():
   partial = {key: {n: m for n, m in values.items() if m != 1.0}
              for key, values in full.items()}
   assert all(0 < len(p) < len(trained) for p in partial.values())
-  optimizer, state = resume_mxnet_ftml(GLUON / "trainer.states", params,
+  optimizer, state = mxnet.resume(GLUON / "trainer.states", params,
                                        indices=indices, hyperparameters=partial)
   run = continue_run(
       optimizer, state, params, network["steps_after"],
@@ -645,7 +638,7 @@ def test_partial_multiplier_trees_default_to_one():
   check_run(run, record, trained)
   with pytest.raises(ValueError, match=r"hyperparameters\['wd_mult'\] names"
                      r" \['4.bias'\]"):
-    resume_mxnet_ftml(GLUON / "trainer.states", params, indices=indices,
+    mxnet.resume(GLUON / "trainer.states", params, indices=indices,
                       hyperparameters={"wd_mult": {"4.bias": 0.0}})
 
 
@@ -658,22 +651,22 @@ def test_mxnet2_gluon_run_continues_as_in_mxnet2(layout):
   (clip, then weight decay), a scheduler whose base_lr MXNet 2 replaced by
   FTML's default learning rate."""
   network, record = load(GLUON2)
-  weights = read_mxnet_params(GLUON2 / "model.params")
+  weights = mxnet.read_params(GLUON2 / "model.params")
   assert isinstance(weights, dict)
   assert set(weights) == set(network["trainer_indices"])
   trained = [n for n, req in network["grad_req"].items() if req != "null"]
   convert, back = layout_conversions(layout)
   params = {n: jnp.asarray(convert(n, weights[n])) for n in trained}
-  saved = read_mxnet_trainer_states(GLUON2 / "trainer.states")
+  saved = mxnet.read_trainer_states(GLUON2 / "trainer.states")
   assert saved.optimizer is not None
   assert saved.optimizer.mxnet_class == "mxnet.optimizer.ftml.FTML"
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       saved, params, layout=convert if layout == "flax" else None,
       hyperparameters=gluon_multipliers(network, trained))
   worst = check_continuation(optimizer, state, params, network, record,
                              trained, convert, back)
   print(f"MXNet 2 gluon ({layout} layout): worst differences {worst}")
-  schedule = mxnet_lr_schedule(saved.optimizer.attributes["lr_scheduler"])
+  schedule = mxnet.lr_schedule(saved.optimizer.attributes["lr_scheduler"])
   first = network["steps_before"] + 1
   rates = [schedule(n) for n in range(first, first + network["steps_after"])]
   np.testing.assert_array_equal(np.float32(rates),
@@ -686,10 +679,10 @@ def test_mxnet2_version_order_matters():
   """The file's class picks MXNet 2's clip-then-decay order: 1.x's order
   fails the comparison."""
   network, record = load(GLUON2)
-  weights = read_mxnet_params(GLUON2 / "model.params")
+  weights = mxnet.read_params(GLUON2 / "model.params")
   trained = [n for n, req in network["grad_req"].items() if req != "null"]
   params = {n: jnp.asarray(weights[n]) for n in trained}
-  optimizer, state = resume_mxnet_ftml(
+  optimizer, state = mxnet.resume(
       GLUON2 / "trainer.states", params,
       hyperparameters={**gluon_multipliers(network, trained),
                        "mxnet_version": 1})

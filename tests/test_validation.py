@@ -1,4 +1,4 @@
-"""What ``ftml`` and ``mxnet_ftml`` refuse, and the messages that say why.
+"""What ``ftml`` and ``mxnet.ftml`` refuse, and the messages that say why.
 
 Hyperparameters are checked when the optimizer is built, whether given as
 Python numbers, NumPy scalars or arrays, or concrete JAX arrays; traced ones
@@ -25,7 +25,7 @@ from mxnet_reference import ftml_update
 from optax_ftml import FTMLLeanState
 from optax_ftml import FTMLState
 from optax_ftml import ftml
-from optax_ftml import mxnet_ftml
+from optax_ftml import mxnet
 
 
 def refused(error, message):
@@ -134,62 +134,62 @@ def test_valid_edge_hyperparameters_are_accepted(kwargs):
 
 @pytest.mark.parametrize("kwargs, error, message", [
     (dict(mxnet_version=3), ValueError,
-     "mxnet_ftml: mxnet_version must be 1 or 2, got 3."),
+     "mxnet.ftml: mxnet_version must be 1 or 2, got 3."),
     (dict(mxnet_version=True), ValueError,
-     "mxnet_ftml: mxnet_version must be 1 or 2, got True."),
-    (dict(wd=-0.1), ValueError, "mxnet_ftml: wd must be in [0, inf), got -0.1."),
+     "mxnet.ftml: mxnet_version must be 1 or 2, got True."),
+    (dict(wd=-0.1), ValueError, "mxnet.ftml: wd must be in [0, inf), got -0.1."),
     (dict(wd=float("inf")), ValueError,
-     "mxnet_ftml: wd must be in [0, inf), got inf."),
+     "mxnet.ftml: wd must be in [0, inf), got inf."),
     (dict(wd=1e300), ValueError,
-     "mxnet_ftml: wd must be finite in float32 (|wd| <= 3.403e+38), got 1e+300."),
-    (dict(wd="0.1"), TypeError, "mxnet_ftml: wd must be a real number or a 0-d"),
+     "mxnet.ftml: wd must be finite in float32 (|wd| <= 3.403e+38), got 1e+300."),
+    (dict(wd="0.1"), TypeError, "mxnet.ftml: wd must be a real number or a 0-d"),
     (dict(rescale_grad=None), TypeError,
-     "mxnet_ftml: rescale_grad must be a real number or a 0-d array, got None"),
+     "mxnet.ftml: rescale_grad must be a real number or a 0-d array, got None"),
     (dict(rescale_grad=1e39), ValueError,
-     "mxnet_ftml: rescale_grad must be finite in float32 (|rescale_grad| <="
+     "mxnet.ftml: rescale_grad must be finite in float32 (|rescale_grad| <="
      " 3.403e+38), got 1e+39."),
     (dict(rescale_grad=float("inf")), ValueError,
-     "mxnet_ftml: rescale_grad must be finite in float32"),
+     "mxnet.ftml: rescale_grad must be finite in float32"),
     (dict(rescale_grad=-float("inf")), ValueError,
-     "mxnet_ftml: rescale_grad must be finite in float32"),
-    (dict(clip_gradient="5"), TypeError, "mxnet_ftml: clip_gradient must be a"),
+     "mxnet.ftml: rescale_grad must be finite in float32"),
+    (dict(clip_gradient="5"), TypeError, "mxnet.ftml: clip_gradient must be a"),
     (dict(clip_gradient=1e39), ValueError,
-     "mxnet_ftml: clip_gradient must be finite in float32"),
+     "mxnet.ftml: clip_gradient must be finite in float32"),
     (dict(epsilon=1e39), ValueError,
-     "mxnet_ftml: epsilon must be finite in float32 (|epsilon| <= 3.403e+38),"
+     "mxnet.ftml: epsilon must be finite in float32 (|epsilon| <= 3.403e+38),"
      " got 1e+39."),
     (dict(lr_mult={"w": -1.0}), ValueError,
-     "mxnet_ftml: lr_mult['w'] must be in [0, inf), got -1.0."),
+     "mxnet.ftml: lr_mult['w'] must be in [0, inf), got -1.0."),
     (dict(lr_mult=float("inf")), ValueError,
-     "mxnet_ftml: lr_mult must be in [0, inf), got inf."),
+     "mxnet.ftml: lr_mult must be in [0, inf), got inf."),
     (dict(learning_rate=1e30, lr_mult={"w": 1e10}), ValueError,
-     "mxnet_ftml: learning_rate * lr_mult['w'] must be from 1.175e-38 to"
+     "mxnet.ftml: learning_rate * lr_mult['w'] must be from 1.175e-38 to"
      " 3.403e+37 (with b1 = 0.6), got 1e+40: outside, (1 - b1**t) /"
      " (learning_rate * lr_mult['w']) rounds to 0 or overflows in float32"),
     (dict(learning_rate=0.01, lr_mult={"w": 1e-30}), ValueError,
-     "mxnet_ftml: learning_rate * lr_mult['w'] must be at least 5.421e-20"),
+     "mxnet.ftml: learning_rate * lr_mult['w'] must be at least 5.421e-20"),
     (dict(wd_mult={"w": "x"}), TypeError,
-     "mxnet_ftml: wd_mult['w'] must be a real number or a 0-d array, got 'x'"),
+     "mxnet.ftml: wd_mult['w'] must be a real number or a 0-d array, got 'x'"),
     (dict(wd_mult={"w": float("inf")}), ValueError,
-     "mxnet_ftml: wd_mult['w'] must be in [0, inf), got inf."),
+     "mxnet.ftml: wd_mult['w'] must be in [0, inf), got inf."),
     (dict(wd=1e30, wd_mult={"w": 1e10}), ValueError,
-     "mxnet_ftml: wd * wd_mult['w'] must be finite in float32"),
-    (dict(beta1=1.2), ValueError, "mxnet_ftml: beta1 must be in [0, 1), got 1.2."),
+     "mxnet.ftml: wd * wd_mult['w'] must be finite in float32"),
+    (dict(beta1=1.2), ValueError, "mxnet.ftml: beta1 must be in [0, 1), got 1.2."),
     (dict(beta2=1 - 1e-9), ValueError,
-     "mxnet_ftml: beta2=0.999999999 rounds to 1.0"),
+     "mxnet.ftml: beta2=0.999999999 rounds to 1.0"),
     (dict(epsilon=-1e-8), ValueError,
-     "mxnet_ftml: epsilon must be in [0, inf), got -1e-08."),
-    (dict(epsilon="1e-8"), TypeError, "mxnet_ftml: epsilon must be a real"),
+     "mxnet.ftml: epsilon must be in [0, inf), got -1e-08."),
+    (dict(epsilon="1e-8"), TypeError, "mxnet.ftml: epsilon must be a real"),
     (dict(learning_rate=0.0), ValueError,
-     "mxnet_ftml: a constant learning_rate must be > 0"),
+     "mxnet.ftml: a constant learning_rate must be > 0"),
     (dict(learning_rate=-1.0), ValueError,
-     "mxnet_ftml: learning_rate must be a positive number, got -1.0."),
+     "mxnet.ftml: learning_rate must be a positive number, got -1.0."),
     (dict(learning_rate=jnp.array(-1.0)), ValueError,
-     "mxnet_ftml: learning_rate must be a positive number"),
+     "mxnet.ftml: learning_rate must be a positive number"),
 ])
 def test_mxnet_ftml_refuses(kwargs, error, message):
   with refused(error, message):
-    mxnet_ftml(**kwargs)
+    mxnet.ftml(**kwargs)
 
 
 # --- Traced hyperparameters give the numbers of Python floats ---------------
@@ -209,12 +209,12 @@ def test_traced_and_injected_hyperparameters_are_bit_identical_to_floats():
   chex.assert_trees_all_equal(
       traced(jax.tree.map(jnp.float32, hyper), weights, noise),
       (expected, state))
-  mxnet = dict(learning_rate=0.01, beta1=0.7, beta2=0.99, epsilon=1e-6)
+  arguments = dict(learning_rate=0.01, beta1=0.7, beta2=0.99, epsilon=1e-6)
   chex.assert_trees_all_equal(
-      run(optax.inject_hyperparams(mxnet_ftml, static_args=(
-          "wd", "rescale_grad", "mxnet_version"))(**mxnet), weights, noise,
+      run(optax.inject_hyperparams(mxnet.ftml, static_args=(
+          "wd", "rescale_grad", "mxnet_version"))(**arguments), weights, noise,
           noisy_pull(target))[0],
-      run(mxnet_ftml(**mxnet), weights, noise, noisy_pull(target))[0])
+      run(mxnet.ftml(**arguments), weights, noise, noisy_pull(target))[0])
 
 
 # --- What init and update are given -----------------------------------------
@@ -378,7 +378,7 @@ def test_a_schedule_value_of_zero_is_a_no_op_and_training_goes_on():
   assert np.all(np.sign(updates[2]) == -np.sign([0.5, -0.5]))
 
 
-# --- mxnet_ftml's float32 rounding, where it differs -------------------------
+# --- mxnet.ftml's float32 rounding, where it differs -------------------------
 
 def _one_step(weight, grad, **kwargs):
   weight, grad = np.asarray(weight), np.asarray(grad)
@@ -394,7 +394,7 @@ def test_mxnet_rounds_lr_times_lr_mult_once():
   with jax.enable_x64(True):
     weight = np.array([0.0, 0.5, -1.5])
     grad = np.array([0.3, -0.2, 0.05])
-    opt = mxnet_ftml(0.01, lr_mult={"w": 0.7})
+    opt = mxnet.ftml(0.01, lr_mult={"w": 0.7})
     params = {"w": jnp.asarray(weight)}
     updates, _ = opt.update({"w": jnp.asarray(grad)}, opt.init(params), params)
     ours = weight + np.asarray(updates["w"])
@@ -410,7 +410,7 @@ def test_mxnet_keeps_epsilon_in_double():
   with jax.enable_x64(True):
     weight = np.array([0.5, -1.0, 2.0])
     grad = np.array([0.1, -0.05, 0.2])
-    opt = mxnet_ftml(0.01, epsilon=0.1)
+    opt = mxnet.ftml(0.01, epsilon=0.1)
     params = jnp.asarray(weight)
     updates, _ = opt.update(jnp.asarray(grad), opt.init(params), params)
     ours = weight + np.asarray(updates)

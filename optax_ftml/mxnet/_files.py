@@ -17,8 +17,8 @@ Three formats:
 
 Pickles can run arbitrary code when loaded, so trainer-state files are not
 unpickled: their opcodes are executed by the project's own reader
-(``_mxnet_pickle``), which knows only what MXNet writes, calls nothing from the
-file and costs at most a constant times the file's size.
+(``optax_ftml.mxnet._pickle``), which knows only what MXNet writes, calls
+nothing from the file and costs at most a constant times the file's size.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from optax_ftml._mxnet_pickle import OPTIMIZER_MODULES
-from optax_ftml._mxnet_pickle import MXNetFileError
-from optax_ftml._mxnet_pickle import MXNetObject
-from optax_ftml._mxnet_pickle import load_mxnet_pickle
+from optax_ftml.mxnet._pickle import OPTIMIZER_MODULES
+from optax_ftml.mxnet._pickle import FileError
+from optax_ftml.mxnet._pickle import PickledObject
+from optax_ftml.mxnet._pickle import load_mxnet_pickle
 
 _LIST_MAGIC = 0x112
 # MXNet 2's parameter files are NumPy .npz archives (zip files).
@@ -69,8 +69,8 @@ class _Bytes:
     self.position = 0
     self.source = source
 
-  def error(self, message: str) -> MXNetFileError:
-    return MXNetFileError(f"{self.source}: {message}")
+  def error(self, message: str) -> FileError:
+    return FileError(f"{self.source}: {message}")
 
   @property
   def remaining(self) -> int:
@@ -189,17 +189,17 @@ def _read_npy(member: bytes, what: str, source: str) -> np.ndarray:
                    else np.lib.format.read_array_header_2_0)
     shape, fortran_order, dtype = read_header(stream, max_header_size=10_000)
   except Exception as e:  # NumPy's header parser raises several kinds
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: corrupted: {what} is not a NumPy array ({e}).") from None
   if dtype not in _DTYPES.values() or dtype.byteorder == ">":
-    raise MXNetFileError(f"{source}: {what} has unsupported dtype {dtype}.")
+    raise FileError(f"{source}: {what} has unsupported dtype {dtype}.")
   problem = _shape_problem(shape)
   if problem:
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: corrupted: {what} has shape {shape}, {problem}.")
   raw = member[stream.tell():]
   if len(raw) != math.prod(shape) * dtype.itemsize:
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: corrupted: {what} has {len(raw)} bytes of data for shape"
         f" {shape} ({dtype}).")
   return np.frombuffer(raw, dtype).reshape(
@@ -216,25 +216,25 @@ def _read_npz(data: bytes, source: str) -> dict[str, np.ndarray]:
       if (info.compress_type != zipfile.ZIP_STORED
           or info.compress_size != info.file_size
           or info.file_size > len(data)):
-        raise MXNetFileError(
+        raise FileError(
             f"{source}: {info.filename[:100]!r} is compressed or larger than"
             " the file; MXNet writes uncompressed members.")
     contents = [(info.filename, archive.read(info)) for info in members]
-  except MXNetFileError:
+  except FileError:
     raise
   except Exception as e:  # zipfile raises many kinds of error
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: truncated or corrupted zip ({type(e).__name__}).") from None
   names = [name.removesuffix(".npy") for name, _ in contents]
   if any(not name.endswith(".npy") for name, _ in contents):
-    raise MXNetFileError(f"{source}: the zip holds files other than .npy.")
+    raise FileError(f"{source}: the zip holds files other than .npy.")
   if len(set(names)) != len(names):
-    raise MXNetFileError(f"{source}: corrupted: duplicate names.")
+    raise FileError(f"{source}: corrupted: duplicate names.")
   return {name: _read_npy(member, f"array {name[:100]!r}", source)
           for name, (_, member) in zip(names, contents, strict=True)}
 
 
-def read_mxnet_params(
+def read_params(
     file: str | os.PathLike | bytes,
 ) -> dict[str, np.ndarray] | list[np.ndarray]:
   """Reads an MXNet parameter file into NumPy arrays, without MXNet.
@@ -255,7 +255,7 @@ def read_mxnet_params(
     file has no names (``mx.nd.save`` of a list).
 
   Raises:
-    MXNetFileError: (a ``ValueError``) if the file is not an MXNet parameter
+    FileError: (a ``ValueError``) if the file is not an MXNet parameter
       file, is truncated or corrupted, or holds something unsupported: sparse
       storage, unset arrays, an unknown dtype, compressed or non-``.npy``
       zip members. Nothing is returned then.
@@ -266,8 +266,9 @@ def read_mxnet_params(
     layer):
 
     >>> import importlib.resources
-    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
-    >>> params = read_mxnet_params(example / "model.params")
+    >>> from optax_ftml import mxnet
+    >>> example = importlib.resources.files("optax_ftml.mxnet") / "example"
+    >>> params = mxnet.read_params(example / "model.params")
     >>> {name: array.shape for name, array in params.items()}
     {'0.weight': (4, 1, 3, 3), '0.bias': (4,), '3.weight': (10, 64), '3.bias': (10,)}
   """
@@ -305,16 +306,16 @@ def read_mxnet_params(
 
 def _safe_loads(data: bytes, source: str) -> Any:
   """The object an MXNet pickle holds, read by the project's own opcode reader
-  (see ``_mxnet_pickle``); every failure is an ``MXNetFileError``."""
+  (see ``optax_ftml.mxnet._pickle``); every failure is a ``FileError``."""
   try:
     return load_mxnet_pickle(
         data, lambda handle: _read_array_bytes(handle, "a pickled NDArray"))
-  except MXNetFileError as e:
-    raise MXNetFileError(f"{source}: {e}") from None
+  except FileError as e:
+    raise FileError(f"{source}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
-class MXNetTrainerStates:
+class TrainerStates:
   """The contents of an MXNet trainer-state file.
 
   Attributes:
@@ -327,19 +328,19 @@ class MXNetTrainerStates:
   """
 
   states: dict[int, Any]
-  optimizer: MXNetObject | None
+  optimizer: PickledObject | None
 
 
-def read_mxnet_trainer_states(
+def read_trainer_states(
     file: str | os.PathLike | bytes,
-) -> MXNetTrainerStates:
+) -> TrainerStates:
   """Reads an MXNet trainer-state file without MXNet and without running code.
 
   Reads what Gluon's ``trainer.save_states`` (a pickle of ``(states,
   optimizer)``) and the Module API's ``save_optimizer_states`` (a pickle of
   ``states``) write, with a reader of its own that executes only the pickle
   opcodes MXNet writes: MXNet's NDArrays become NumPy arrays, its optimizers
-  and learning-rate schedulers inert :class:`MXNetObject` records, and any
+  and learning-rate schedulers inert :class:`PickledObject` records, and any
   other global, any opcode MXNet never writes (extensions, persistent ids,
   sets), any key but an integer or a string, nesting deeper than 32 and
   shared references expanding beyond a few times the file's size are refused.
@@ -350,10 +351,10 @@ def read_mxnet_trainer_states(
     file: a path, or the file's contents as bytes.
 
   Returns:
-    An :class:`MXNetTrainerStates`.
+    A :class:`TrainerStates`.
 
   Raises:
-    MXNetFileError: (a ``ValueError``) if the pickle refers to anything outside
+    FileError: (a ``ValueError``) if the pickle refers to anything outside
       the allow-list (e.g. a function such as ``os.system``, or a custom
       scheduler class), is truncated or corrupted, or holds sparse or
       unsupported arrays. Nothing is returned then.
@@ -361,8 +362,9 @@ def read_mxnet_trainer_states(
 
   Examples:
     >>> import importlib.resources
-    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
-    >>> saved = read_mxnet_trainer_states(example / "trainer.states")
+    >>> from optax_ftml import mxnet
+    >>> example = importlib.resources.files("optax_ftml.mxnet") / "example"
+    >>> saved = mxnet.read_trainer_states(example / "trainer.states")
     >>> saved.optimizer.class_name, saved.optimizer.attributes["num_update"]
     ('FTML', 100)
     >>> d, v, z = saved.states[3]  # the Dense weight's FTML state
@@ -375,16 +377,16 @@ def read_mxnet_trainer_states(
     states, optimizer = contents, None
   elif (isinstance(contents, tuple) and len(contents) == 2
         and isinstance(contents[0], dict)
-        and isinstance(contents[1], MXNetObject)
+        and isinstance(contents[1], PickledObject)
         and contents[1].mxnet_class.startswith(OPTIMIZER_MODULES)):
     states, optimizer = contents
   else:
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: not an MXNet trainer-state file: expected a dict of states"
         f" or a (states, optimizer) pair, got {type(contents).__name__}.")
   wrong_keys = {type(k).__name__ for k in states if type(k) is not int}
   if wrong_keys:
-    raise MXNetFileError(
+    raise FileError(
         f"{source}: corrupted: state keys must be integer indices, got keys of"
         f" type {', '.join(sorted(wrong_keys))}.")
-  return MXNetTrainerStates(states=states, optimizer=optimizer)
+  return TrainerStates(states=states, optimizer=optimizer)

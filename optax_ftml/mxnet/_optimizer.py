@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_ftml import _ftml
 from optax_ftml import _validation
-from optax_ftml._ftml import ftml
 
 
 def _as_operator_parameter(value: Any) -> Any:
@@ -46,7 +46,7 @@ def _gradient_preprocessing(rescale_grad: float, clip_gradient: Any,
   return rescale + decay + clip
 
 
-def mxnet_ftml(
+def ftml(
     learning_rate: optax.ScalarOrSchedule = 0.0025,
     beta1: float = 0.6,
     beta2: float = 0.999,
@@ -99,10 +99,10 @@ def mxnet_ftml(
 
   Examples:
     >>> import jax.numpy as jnp, optax
-    >>> from optax_ftml import mxnet_ftml
+    >>> from optax_ftml import mxnet
     >>> # mx.optimizer.FTML(learning_rate=0.01, wd=1e-4, clip_gradient=5,
     >>> #                   rescale_grad=1/32)
-    >>> opt = mxnet_ftml(0.01, wd=1e-4, clip_gradient=5.0, rescale_grad=1 / 32)
+    >>> opt = mxnet.ftml(0.01, wd=1e-4, clip_gradient=5.0, rescale_grad=1 / 32)
     >>> params = {"w": jnp.ones(3)}
     >>> state = opt.init(params)
     >>> updates, state = opt.update({"w": jnp.ones(3)}, state, params)
@@ -110,8 +110,8 @@ def mxnet_ftml(
   if (not isinstance(mxnet_version, numbers.Integral)
       or isinstance(mxnet_version, (bool, np.bool_)) or mxnet_version not in (1, 2)):
     raise ValueError(
-        f"mxnet_ftml: mxnet_version must be 1 or 2, got {mxnet_version!r}.")
-  caller = "mxnet_ftml"
+        f"mxnet.ftml: mxnet_version must be 1 or 2, got {mxnet_version!r}.")
+  caller = "mxnet.ftml"
 
   def concrete(value, name):
     number = _validation.real_scalar(value, name, caller)
@@ -146,7 +146,7 @@ def mxnet_ftml(
     return optax.chain(
         *_gradient_preprocessing(rescale_grad, clip_gradient,
                                  wd * wd_multiplier, mxnet_version),
-        ftml(rate, _as_operator_parameter(beta1),
+        _ftml.ftml(rate, _as_operator_parameter(beta1),
              _as_operator_parameter(beta2), epsilon))
 
   if lr_mult is None and wd_mult is None:
@@ -196,7 +196,7 @@ def module_wd_mult(names: Any) -> Any:
   parameter whose name ends neither in ``_weight`` nor in ``_gamma`` (biases,
   BatchNorm's ``beta``, ...): those are not decayed. Gluon does not do this
   (there every parameter has ``wd_mult = 1`` unless set). Pass the result to
-  :func:`mxnet_ftml`'s ``wd_mult`` (or :func:`resume_mxnet_ftml`'s) to train
+  :func:`~optax_ftml.mxnet.ftml`'s ``wd_mult`` (or :func:`resume`'s) to train
   as a Module did.
 
   Args:
@@ -212,18 +212,19 @@ def module_wd_mult(names: Any) -> Any:
     TypeError: if a leaf is not a string.
 
   Examples:
-    >>> module_wd_mult({"w": "fc1_weight", "b": "fc1_bias"})
+    >>> from optax_ftml import mxnet
+    >>> mxnet.module_wd_mult({"w": "fc1_weight", "b": "fc1_bias"})
     {'b': 0.0, 'w': 1.0}
   """
   def multiplier(name):
     if not isinstance(name, str):
       raise TypeError(
-          f"module_wd_mult: names must be strings, got {type(name).__name__}.")
+          f"mxnet.module_wd_mult: names must be strings, got {type(name).__name__}.")
     return 1.0 if name.endswith(("_weight", "_gamma")) else 0.0
   return jax.tree.map(multiplier, names)
 
 
-def mxnet_to_flax_layout(name: str, array: np.ndarray) -> np.ndarray:
+def to_flax_layout(name: str, array: np.ndarray) -> np.ndarray:
   """An MXNet weight (or its FTML state) in Flax's layout.
 
   Dense weights ``(out, in)`` become Flax's ``(in, out)`` kernels, convolution
@@ -240,7 +241,8 @@ def mxnet_to_flax_layout(name: str, array: np.ndarray) -> np.ndarray:
 
   Examples:
     >>> import numpy as np
-    >>> mxnet_to_flax_layout("0.weight", np.zeros((8, 1, 3, 3))).shape
+    >>> from optax_ftml import mxnet
+    >>> mxnet.to_flax_layout("0.weight", np.zeros((8, 1, 3, 3))).shape
     (3, 3, 1, 8)
   """
   del name

@@ -55,19 +55,19 @@ _MAX_COUNT = 2**31  # MXNet's update counts and indices are int32
 _MISSING = object()
 
 
-class MXNetFileError(ValueError):
+class FileError(ValueError):
   """An MXNet file that cannot be read: corrupted, truncated, unsupported or
   (for pickles) holding something MXNet's files do not hold."""
 
 
-class MXNetObject:
+class PickledObject:
   """An inert record of a pickled MXNet object (an optimizer or a learning-rate
   scheduler): its class and attributes, nothing executable.
 
   Attributes:
     mxnet_class: the pickled class, e.g. ``"mxnet.optimizer.optimizer.FTML"``.
     attributes: the object's pickled ``__dict__``: plain Python values, NumPy
-      arrays and nested :class:`MXNetObject` records.
+      arrays and nested :class:`PickledObject` records.
   """
 
   def __init__(self, mxnet_class: str, attributes: dict[str, Any] | None = None):
@@ -80,7 +80,7 @@ class MXNetObject:
     return self.mxnet_class.rpartition(".")[2]
 
   def __repr__(self) -> str:
-    return f"MXNetObject({self.mxnet_class}, {self.attributes!r})"
+    return f"PickledObject({self.mxnet_class}, {self.attributes!r})"
 
 
 def _describe(value: Any) -> str:
@@ -98,18 +98,18 @@ class RecordFields:
   """Reads a pickled record's attributes, each checked against the range
   MXNet's constructors enforce; a failure names the attribute."""
 
-  def __init__(self, record: MXNetObject):
+  def __init__(self, record: PickledObject):
     self.name = record.class_name
     self.attributes = record.attributes
 
-  def error(self, key: str, value: Any, expected: str) -> MXNetFileError:
-    return MXNetFileError(
+  def error(self, key: str, value: Any, expected: str) -> FileError:
+    return FileError(
         f"the pickled {self.name}'s {key} is {_describe(value)}; MXNet's"
         f" {self.name} has {expected}.")
 
   def get(self, key: str) -> Any:
     if key not in self.attributes:
-      raise MXNetFileError(
+      raise FileError(
           f"the pickled {self.name} lacks the attribute {key!r}; it was not"
           " written by MXNet.")
     return self.attributes[key]
@@ -178,7 +178,7 @@ class _Machine:
   def top(self) -> Any:
     """The top of the stack, which must lie above the last mark."""
     if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-      raise MXNetFileError("corrupted pickle: stack underflow.")
+      raise FileError("corrupted pickle: stack underflow.")
     return self.stack[-1]
 
   def pop(self) -> Any:
@@ -187,7 +187,7 @@ class _Machine:
 
   def pop_mark(self) -> list[Any]:
     if not self.marks:
-      raise MXNetFileError("corrupted pickle: no mark on the stack.")
+      raise FileError("corrupted pickle: no mark on the stack.")
     start = self.marks.pop()
     items = self.stack[start:]
     del self.stack[start:]
@@ -196,18 +196,18 @@ class _Machine:
   def derive(self, size: int) -> None:
     self.derived_budget -= size
     if self.derived_budget < 0:
-      raise MXNetFileError(
+      raise FileError(
           "refused: the pickle's bytes are used more than once (decoded data"
           " would exceed twice the file's size).")
 
   def call(self, where: Any, args: Any, opcode: str) -> Any:
     """REDUCE and NEWOBJ: only the allowed globals, with MXNet's arguments."""
     if not isinstance(where, _Global) or type(args) is not tuple:
-      raise MXNetFileError(f"refused: {opcode} of a {type(where).__name__}.")
+      raise FileError(f"refused: {opcode} of a {type(where).__name__}.")
     if where in _BYTEARRAYS or where == _ENCODE:
       return self.bytes_of(where, args)
     if args not in ((), (None,)):
-      raise MXNetFileError(
+      raise FileError(
           f"refused: {where.module}.{where.name} called with arguments.")
     return _Pending(where)
 
@@ -220,27 +220,27 @@ class _Machine:
       try:
         return args[0].encode("latin-1")
       except UnicodeEncodeError:
-        raise MXNetFileError("corrupted pickle: bytes beyond latin-1.") from None
+        raise FileError("corrupted pickle: bytes beyond latin-1.") from None
     if not args and where != _ENCODE:
       return b""
-    raise MXNetFileError(
+    raise FileError(
         f"refused: {where.module}.{where.name} of"
         f" {', '.join(type(a).__name__ for a in args)} (only bytes are copied).")
 
   def build(self, target: Any, state: Any) -> None:
     if not isinstance(target, _Pending) or target.state is not None:
-      raise MXNetFileError(
+      raise FileError(
           f"refused: BUILD on a {type(target).__name__}, not a fresh MXNet"
           " object.")
     if not isinstance(state, dict) or not all(type(k) is str for k in state):
-      raise MXNetFileError(
+      raise FileError(
           f"corrupted: the pickled {target.where.name} has state"
           f" {type(state).__name__}, expected a dict of attributes.")
     target.state = state
     if target.where == _NDARRAY:
       handle = state.get("handle")
       if not isinstance(handle, bytes):
-        raise MXNetFileError(
+        raise FileError(
             "corrupted: a pickled NDArray has no data (handle"
             f" {type(handle).__name__}).")
       self.derive(len(handle))
@@ -248,40 +248,40 @@ class _Machine:
 
   def set_items(self, target: Any, items: list[Any]) -> None:
     if not isinstance(target, dict) or len(items) % 2:
-      raise MXNetFileError("corrupted pickle: SETITEMS needs a dict and pairs.")
+      raise FileError("corrupted pickle: SETITEMS needs a dict and pairs.")
     for key, value in zip(items[::2], items[1::2], strict=True):
       # Only keys whose hash costs their length, and no bools: MXNet's keys
       # are parameter indices and names.
       if type(key) not in (int, str):
-        raise MXNetFileError(
+        raise FileError(
             f"refused: a dict key of type {type(key).__name__} (MXNet's keys"
             " are integers and strings).")
       target[key] = value
 
   def append(self, target: Any, items: list[Any]) -> None:
     if not isinstance(target, list):
-      raise MXNetFileError("corrupted pickle: APPENDS needs a list.")
+      raise FileError("corrupted pickle: APPENDS needs a list.")
     target.extend(items)
 
   def memoize(self, index: int) -> None:
     if index != len(self.memo):
-      raise MXNetFileError(
+      raise FileError(
           f"refused: memo index {index} out of order (expected {len(self.memo)}).")
     if not self.stack:
-      raise MXNetFileError("corrupted pickle: nothing to memoise.")
+      raise FileError("corrupted pickle: nothing to memoise.")
     self.memo.append(self.stack[-1])
 
   def get(self, index: int) -> None:
     if not 0 <= index < len(self.memo):
-      raise MXNetFileError(f"corrupted pickle: memo index {index} never set.")
+      raise FileError(f"corrupted pickle: memo index {index} never set.")
     self.stack.append(self.memo[index])
 
   def global_(self, module: Any, name: Any) -> None:
     if not (isinstance(module, str) and isinstance(name, str)):
-      raise MXNetFileError("corrupted pickle: a global named by non-strings.")
+      raise FileError("corrupted pickle: a global named by non-strings.")
     where = _Global(module, name)
     if not _allowed(where):
-      raise MXNetFileError(
+      raise FileError(
           f"refused to load {module[:200]}.{name[:200]}: MXNet trainer-state"
           " files hold only NDArrays, MXNet optimizers and MXNet learning-rate"
           " schedulers, and nothing else is loaded from them (a pickle can run"
@@ -293,7 +293,7 @@ class _Machine:
     """One opcode: every opcode MXNet's pickles hold, and no other."""
     if name in _ARGUMENTS:
       if name == "LONG1" and arg.bit_length() > 8 * _MAX_LONG_BYTES:
-        raise MXNetFileError("refused: an integer wider than 64 bits.")
+        raise FileError("refused: an integer wider than 64 bits.")
       self.stack.append(arg)
     elif name in _NEW:
       self.stack.append(_NEW[name]())
@@ -338,7 +338,7 @@ class _Machine:
       state = self.pop()
       self.build(self.top(), state)
     elif name != "FRAME":
-      raise MXNetFileError(
+      raise FileError(
           f"refused: pickle opcode {name}, which MXNet's files never hold.")
 
 
@@ -353,7 +353,7 @@ _TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
 
 class _Finisher:
   """Turns the machine's graph into the result: each object visited once,
-  NDArrays replaced by their arrays, records by :class:`MXNetObject`."""
+  NDArrays replaced by their arrays, records by :class:`PickledObject`."""
 
   def __init__(self, max_elements: int):
     self.max_elements = max_elements
@@ -367,16 +367,16 @@ class _Finisher:
     if key in self.done:
       return self.done[key]
     if key in self.active:
-      raise MXNetFileError("refused: an object in the pickle contains itself.")
+      raise FileError("refused: an object in the pickle contains itself.")
     if depth >= _MAX_DEPTH:
-      raise MXNetFileError(
+      raise FileError(
           f"refused: objects nested deeper than {_MAX_DEPTH} (MXNet's files"
           " nest a few levels).")
     self.active.add(key)
     result, size = self.convert(value, depth + 1)
     self.active.discard(key)
     if size > self.max_elements:
-      raise MXNetFileError(
+      raise FileError(
           f"refused: the pickle's shared references expand to more than"
           f" {self.max_elements} elements.")
     self.done[key] = result, size
@@ -384,7 +384,7 @@ class _Finisher:
 
   def convert(self, value: Any, depth: int) -> tuple[Any, int]:
     if isinstance(value, _Global):  # a tuple too: first
-      raise MXNetFileError(
+      raise FileError(
           f"refused: a bare reference to {value.module}.{value.name}.")
     if type(value) in (list, tuple):
       finished = [self.finish(v, depth) for v in value]
@@ -396,12 +396,12 @@ class _Finisher:
               1 + sum(n for _, n in finished.values()))
     if isinstance(value, _Pending):
       if value.state is None:
-        raise MXNetFileError(
+        raise FileError(
             f"corrupted: a pickled {value.where.name} without its state.")
       if value.where == _NDARRAY:
         return value.array, 1
       attributes, size = self.finish(value.state, depth)
-      return MXNetObject(f"{value.where.module}.{value.where.name}",
+      return PickledObject(f"{value.where.module}.{value.where.name}",
                          attributes), 1 + size
     raise AssertionError(f"unexpected {type(value).__name__}")
 
@@ -410,7 +410,7 @@ def load_mxnet_pickle(data: bytes, decode_array: Callable[[bytes], Any]) -> Any:
   """The object an MXNet pickle holds, NDArrays decoded by ``decode_array``.
 
   Raises:
-    MXNetFileError: for anything but a pickle of what MXNet writes.
+    FileError: for anything but a pickle of what MXNet writes.
   """
   machine = _Machine(len(data), decode_array)
   opcodes = 0
@@ -418,7 +418,7 @@ def load_mxnet_pickle(data: bytes, decode_array: Callable[[bytes], Any]) -> Any:
   try:
     for opcode, arg, position in pickletools.genops(data):
       if opcodes == 0 and (opcode.name != "PROTO" or arg not in _PROTOCOLS):
-        raise MXNetFileError(
+        raise FileError(
             "not a pickle MXNet writes: expected pickle protocol 2 to 4"
             f" (Python 3), got {opcode.name}"
             f"{f' {arg}' if opcode.name == 'PROTO' else ''}.")
@@ -428,12 +428,12 @@ def load_mxnet_pickle(data: bytes, decode_array: Callable[[bytes], Any]) -> Any:
       elif opcode.name != "PROTO":
         machine.step(opcode.name, arg)
   except (ValueError, UnicodeDecodeError) as e:
-    if isinstance(e, MXNetFileError):
+    if isinstance(e, FileError):
       raise
-    raise MXNetFileError(f"truncated or corrupted pickle ({e}).") from None
+    raise FileError(f"truncated or corrupted pickle ({e}).") from None
   if end != len(data):
-    raise MXNetFileError(
+    raise FileError(
         f"corrupted: {len(data) - end} bytes after the pickle's end.")
   if len(machine.stack) != 1 or machine.marks:
-    raise MXNetFileError("corrupted pickle: it does not end with one object.")
+    raise FileError("corrupted pickle: it does not end with one object.")
   return _Finisher(_ELEMENTS_PER_OPCODE * opcodes).finish(machine.stack[0])[0]

@@ -14,19 +14,19 @@ import numpy as np
 import optax
 
 from optax_ftml._ftml import FTMLState
-from optax_ftml._mxnet import mxnet_ftml
-from optax_ftml._mxnet_files import MXNetFileError
-from optax_ftml._mxnet_files import MXNetObject
-from optax_ftml._mxnet_files import MXNetTrainerStates
-from optax_ftml._mxnet_files import read_mxnet_trainer_states
-from optax_ftml._mxnet_files import source_name
-from optax_ftml._mxnet_pickle import RecordFields
-from optax_ftml._mxnet_schedules import mxnet_lr_schedule
+from optax_ftml.mxnet._files import FileError
+from optax_ftml.mxnet._files import PickledObject
+from optax_ftml.mxnet._files import TrainerStates
+from optax_ftml.mxnet._files import read_trainer_states
+from optax_ftml.mxnet._files import source_name
+from optax_ftml.mxnet._optimizer import ftml
+from optax_ftml.mxnet._pickle import RecordFields
+from optax_ftml.mxnet._schedules import lr_schedule
 
 _FTML_KEYS = ("beta1", "beta2", "epsilon", "wd", "rescale_grad",
               "clip_gradient")
-# What hyperparameters= may override: mxnet_ftml's arguments.
-_HYPERPARAMETER_KEYS = frozenset(inspect.signature(mxnet_ftml).parameters)
+# What hyperparameters= may override: ftml's arguments.
+_HYPERPARAMETER_KEYS = frozenset(inspect.signature(ftml).parameters)
 
 
 def _leaf_names(params: Any) -> list[str]:
@@ -41,7 +41,7 @@ def _indices_by_leaf(names: list[str], states: Mapping[int, Any],
   if indices is None:
     if len(stateful) != len(names):
       raise ValueError(
-          f"resume_mxnet_ftml: the file has states for {len(stateful)}"
+          f"mxnet.resume: the file has states for {len(stateful)}"
           f" parameters (indices {stateful}) but params has {len(names)}"
           " leaves; pass indices={leaf name: trainer index} to map them.")
     return stateful
@@ -49,7 +49,7 @@ def _indices_by_leaf(names: list[str], states: Mapping[int, Any],
   missing = [name for name in names if name not in indices]
   if unknown or missing:
     raise ValueError(
-        "resume_mxnet_ftml: indices must name every leaf of params exactly"
+        "mxnet.resume: indices must name every leaf of params exactly"
         f" once; not leaves: {unknown}, leaves without an index: {missing}."
         f" The leaves are {names}.")
   chosen = [indices[name] for name in names]
@@ -57,15 +57,15 @@ def _indices_by_leaf(names: list[str], states: Mapping[int, Any],
                    if i not in states]
   if without_state:
     raise ValueError(
-        "resume_mxnet_ftml: the file has no state for (leaf, index)"
+        "mxnet.resume: the file has no state for (leaf, index)"
         f" {without_state}; it has states for indices {stateful} (parameters"
         " with grad_req='null', e.g. BatchNorm's running statistics, have none).")
   if len(set(chosen)) != len(chosen):
-    raise ValueError(f"resume_mxnet_ftml: indices repeat an index: {indices}.")
+    raise ValueError(f"mxnet.resume: indices repeat an index: {indices}.")
   unused = sorted(set(stateful) - set(chosen))
   if unused:
     raise ValueError(
-        f"resume_mxnet_ftml: the file's states for indices {unused} are not"
+        f"mxnet.resume: the file's states for indices {unused} are not"
         " mapped to any leaf of params; every updated parameter must be resumed.")
   return chosen
 
@@ -74,13 +74,13 @@ def _ftml_arrays(state: Any, index: int) -> tuple[np.ndarray, ...]:
   if (isinstance(state, tuple) and len(state) == 2
       and isinstance(state[0], np.ndarray) and isinstance(state[1], tuple)):
     raise ValueError(
-        f"resume_mxnet_ftml: the state of index {index} is a multi-precision"
+        f"mxnet.resume: the state of index {index} is a multi-precision"
         " state (a float32 master weight and its FTML state), which is not"
         " supported: save it with multi_precision=False (float32 weights).")
   if not (isinstance(state, tuple) and len(state) == 3
           and all(isinstance(x, np.ndarray) for x in state)):
     raise ValueError(
-        f"resume_mxnet_ftml: the state of index {index} is not FTML's"
+        f"mxnet.resume: the state of index {index} is not FTML's"
         f" (d, v, z) arrays: {type(state).__name__}.")
   return state
 
@@ -107,33 +107,33 @@ def _step_count(f: RecordFields, indices: list[int]) -> int:
   counts = f.of_type("_index_update_count", dict)
   missing = [index for index in indices if index not in counts]
   if missing:
-    raise MXNetFileError(f"no step count for indices {missing[:20]}.")
+    raise FileError(f"no step count for indices {missing[:20]}.")
   by_index = {i: f.count(f"_index_update_count[{i}]", value=counts[i])
               for i in indices}
   if len(set(by_index.values())) != 1:
-    raise MXNetFileError(
+    raise FileError(
         "the parameters were updated different numbers of times"
         f" ({dict(list(by_index.items())[:20])} by index); one Optax state has"
         " one step count.")
   count = by_index[indices[0]]
   num_update = f.count("num_update")
   if count != num_update:
-    raise MXNetFileError(
+    raise FileError(
         f"the parameters were updated {count} times but the optimizer's"
         f" num_update (which its scheduler sees) is {num_update}.")
   return count
 
 
-def _file_hyperparameters(optimizer: MXNetObject, indices: list[int]
+def _file_hyperparameters(optimizer: PickledObject, indices: list[int]
                           ) -> tuple[dict[str, Any], int]:
-  """mxnet_ftml's arguments and the step count from a pickled FTML, each
+  """ftml's arguments and the step count from a pickled FTML, each
   checked to be what MXNet pickles."""
   if optimizer.class_name != "FTML":
-    raise MXNetFileError(
+    raise FileError(
         f"the file holds an {optimizer.mxnet_class} optimizer, not FTML.")
   f = RecordFields(optimizer)
   if f.of_type("multi_precision", bool, default=False):
-    raise MXNetFileError(
+    raise FileError(
         "the optimizer used multi_precision=True, which is not supported.")
   values: dict[str, Any] = {
       key: f.real(key) for key in _FTML_KEYS if key != "clip_gradient"}
@@ -141,7 +141,7 @@ def _file_hyperparameters(optimizer: MXNetObject, indices: list[int]
   values["clip_gradient"] = None if clip is None else f.real("clip_gradient")
   scheduler = f.get("lr_scheduler")
   values["learning_rate"] = (f.real("lr") if scheduler is None
-                             else mxnet_lr_schedule(scheduler))
+                             else lr_schedule(scheduler))
   values["mxnet_version"] = (
       2 if optimizer.mxnet_class.startswith("mxnet.optimizer.ftml") else 1)
   idx2name = f.of_type("idx2name", dict, default={})
@@ -149,11 +149,11 @@ def _file_hyperparameters(optimizer: MXNetObject, indices: list[int]
     multipliers = _per_leaf(f, key, indices, idx2name)
     if multipliers is not None:
       values[key] = multipliers
-  try:  # MXNet's ranges, as mxnet_ftml checks them
-    mxnet_ftml(**{k: v for k, v in values.items()
+  try:  # MXNet's ranges, as ftml checks them
+    ftml(**{k: v for k, v in values.items()
                   if k not in ("lr_mult", "wd_mult")})
   except (TypeError, ValueError) as e:
-    raise MXNetFileError(f"the pickled FTML's hyperparameters: {e}") from None
+    raise FileError(f"the pickled FTML's hyperparameters: {e}") from None
   return values, _step_count(f, indices)
 
 
@@ -187,21 +187,21 @@ def _module_file_values(overrides: Mapping[str, Any], num_update: Any
   needed = [k for k in ("learning_rate", "rescale_grad") if k not in overrides]
   if needed or num_update is None:
     raise ValueError(
-        "resume_mxnet_ftml: this file holds only the states (the Module"
+        "mxnet.resume: this file holds only the states (the Module"
         " API's save_optimizer_states): pass hyperparameters with"
         f" {needed or 'the values'} and num_update=<updates made so far>"
         f"{' (missing)' if num_update is None else ''}.")
   if isinstance(num_update, bool) or not isinstance(num_update, int) or not (
       1 <= num_update < 2**31):
     raise ValueError(
-        f"resume_mxnet_ftml: num_update must be an integer in [1, 2**31), got"
+        f"mxnet.resume: num_update must be an integer in [1, 2**31), got"
         f" {num_update!r}.")
   if overrides.get("wd", 0) != 0 and "wd_mult" not in overrides:
     raise ValueError(
-        "resume_mxnet_ftml: the Module API gives parameters whose names end"
+        "mxnet.resume: the Module API gives parameters whose names end"
         " neither in _weight nor in _gamma (biases, ...) wd_mult 0, and this"
         " file does not name the parameters: with wd, pass"
-        " hyperparameters={..., 'wd_mult': module_wd_mult(names)} (or the"
+        " hyperparameters={..., 'wd_mult': mxnet.module_wd_mult(names)} (or the"
         " multipliers the run used).")
   return {"mxnet_version": 1}, num_update
 
@@ -217,7 +217,7 @@ def _multipliers_like(key: str, multipliers: Any, params: Any,
   unknown = sorted(set(given) - set(names))
   if unknown:
     raise ValueError(
-        f"resume_mxnet_ftml: hyperparameters[{key!r}] names {unknown}, which"
+        f"mxnet.resume: hyperparameters[{key!r}] names {unknown}, which"
         f" are not leaves of params; the leaves are {names}.")
   return jax.tree.structure(params).unflatten(
       [given.get(name, 1.0) for name in names])
@@ -236,7 +236,7 @@ def _buffers(states: Mapping[int, Any], params: Any, names: list[str],
       converted = layout(name, array) if layout is not None else array
       if np.shape(converted) != np.shape(leaf):
         raise ValueError(
-            f"resume_mxnet_ftml: the state of index {index} has shape"
+            f"mxnet.resume: the state of index {index} has shape"
             f" {np.shape(converted)} for leaf {name!r} of shape"
             f" {np.shape(leaf)}" + ("" if layout else "; pass layout=... to"
                                     " convert MXNet's layout")
@@ -248,8 +248,8 @@ def _buffers(states: Mapping[int, Any], params: Any, names: list[str],
   return buffers
 
 
-def resume_mxnet_ftml(
-    trainer_states: str | os.PathLike | bytes | MXNetTrainerStates,
+def resume(
+    trainer_states: str | os.PathLike | bytes | TrainerStates,
     params: optax.Params,
     *,
     indices: Mapping[str, int] | None = None,
@@ -257,10 +257,10 @@ def resume_mxnet_ftml(
     hyperparameters: Mapping[str, Any] | None = None,
     num_update: int | None = None,
 ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
-  """The :func:`mxnet_ftml` optimizer and state that continue an MXNet FTML run.
+  """The :func:`ftml` optimizer and state that continue an MXNet FTML run.
 
   Reads MXNet's trainer-state file (without MXNet; see
-  :func:`read_mxnet_trainer_states`) and returns the optimizer with the file's
+  :func:`read_trainer_states`) and returns the optimizer with the file's
   hyperparameters (learning rate or scheduler, ``beta1``, ``beta2``,
   ``epsilon``, ``wd``, ``rescale_grad``, ``clip_gradient``, MXNet's version)
   and the state ``optimizer.init(params)`` would have after MXNet's updates:
@@ -269,7 +269,7 @@ def resume_mxnet_ftml(
   would have computed next, to float32 rounding.
 
   The parameter values themselves are in MXNet's parameter file (see
-  :func:`read_mxnet_params`); ``params`` must already hold them.
+  :func:`read_params`); ``params`` must already hold them.
 
   Mapping MXNet's parameters onto ``params``: the file keys states by the
   parameter's index in the trainer. Gluon's ``Trainer(net.collect_params())``
@@ -285,7 +285,7 @@ def resume_mxnet_ftml(
   Args:
     trainer_states: Gluon's ``trainer.save_states`` file, a Module
       ``save_optimizer_states`` (``.states``) file, as a path or bytes, or
-      what :func:`read_mxnet_trainer_states` returned.
+      what :func:`read_trainer_states` returned.
     params: the parameters (MXNet's values, in JAX's layout), a pytree.
     indices: optional map from each leaf's name to its trainer index. A
       leaf's name is its path with ``.`` between keys
@@ -293,9 +293,9 @@ def resume_mxnet_ftml(
       ``"0.weight"`` for ``{"0.weight": w}`` or ``"conv.kernel"`` for a Flax
       NNX parameter state.
     layout: optional ``layout(leaf_name, array) -> array`` converting an array
-      from MXNet's layout to the leaf's (e.g. :func:`mxnet_to_flax_layout`);
+      from MXNet's layout to the leaf's (e.g. :func:`to_flax_layout`);
       applied to ``d``, ``v`` and ``z`` alike.
-    hyperparameters: :func:`mxnet_ftml` arguments overriding the file's (any
+    hyperparameters: :func:`~optax_ftml.mxnet.ftml` arguments overriding the file's (any
       of ``learning_rate``, ``beta1``, ``beta2``, ``epsilon``, ``wd``,
       ``rescale_grad``, ``clip_gradient``, ``lr_mult``, ``wd_mult``,
       ``mxnet_version``). Gluon keeps per-parameter ``lr_mult`` and
@@ -309,16 +309,16 @@ def resume_mxnet_ftml(
 
   Returns:
     ``(optimizer, state)``: an :class:`optax.GradientTransformationExtraArgs`
-    (:func:`mxnet_ftml`) and its state for ``params``.
+    (:func:`~optax_ftml.mxnet.ftml`) and its state for ``params``.
 
   Raises:
-    MXNetFileError: (a ``ValueError``) if the file cannot be read safely.
+    FileError: (a ``ValueError``) if the file cannot be read safely.
     ValueError: if the file holds another optimizer or multi-precision
       states; if a parameter has no state, the parameters were updated
       different numbers of times, or states are left unmapped; if shapes do
       not match after ``layout``; if a Module file comes without
       ``learning_rate``, ``rescale_grad`` or ``num_update``; if the scheduler
-      is not one MXNet ships (:func:`mxnet_lr_schedule`).
+      is not one MXNet ships (:func:`lr_schedule`).
 
   Examples:
     A Gluon network (``Conv2D`` then ``Dense``) saved after 100 FTML steps,
@@ -326,13 +326,13 @@ def resume_mxnet_ftml(
 
     >>> import importlib.resources
     >>> import jax, jax.numpy as jnp
-    >>> from optax_ftml import read_mxnet_params
-    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
-    >>> weights = read_mxnet_params(example / "model.params")
+    >>> from optax_ftml import mxnet
+    >>> example = importlib.resources.files("optax_ftml.mxnet") / "example"
+    >>> weights = mxnet.read_params(example / "model.params")
     >>> params = {name: jnp.asarray(w) for name, w in weights.items()}
     >>> # The trainer's order: sorted full names, hybridsequential0_conv0_bias,
     >>> # ..._conv0_weight, ..._dense0_bias, ..._dense0_weight.
-    >>> optimizer, state = resume_mxnet_ftml(
+    >>> optimizer, state = mxnet.resume(
     ...     example / "trainer.states", params,
     ...     indices={"0.bias": 0, "0.weight": 1, "3.bias": 2, "3.weight": 3})
     >>> state  # rescale_grad and wd come before FTML in the chain
@@ -345,17 +345,17 @@ def resume_mxnet_ftml(
     With Gluon's per-parameter multipliers (not in the file), e.g. biases
     without weight decay:
     ``hyperparameters={"wd_mult": {"0.bias": 0.0, "0.weight": 1.0, ...}}``;
-    with Flax's layouts: ``layout=mxnet_to_flax_layout``.
+    with Flax's layouts: ``layout=to_flax_layout``.
   """
-  if isinstance(trainer_states, MXNetTrainerStates):
+  if isinstance(trainer_states, TrainerStates):
     saved, source = trainer_states, "the trainer states"
   else:
-    saved = read_mxnet_trainer_states(trainer_states)
+    saved = read_trainer_states(trainer_states)
     source = source_name(trainer_states)
   overrides = dict(hyperparameters or {})
   if not set(overrides) <= _HYPERPARAMETER_KEYS:
     raise ValueError(
-        "resume_mxnet_ftml: unknown hyperparameters"
+        "mxnet.resume: unknown hyperparameters"
         f" {sorted(set(overrides) - _HYPERPARAMETER_KEYS)}; allowed:"
         f" {sorted(_HYPERPARAMETER_KEYS)}.")
   names = _leaf_names(params)
@@ -364,13 +364,13 @@ def resume_mxnet_ftml(
     file_values, count = _module_file_values(overrides, num_update)
   elif num_update is not None:
     raise ValueError(
-        "resume_mxnet_ftml: num_update is read from the file; pass it only"
+        "mxnet.resume: num_update is read from the file; pass it only"
         " for Module files, which hold no optimizer.")
   else:
     try:
       file_values, count = _file_hyperparameters(saved.optimizer, leaf_indices)
-    except MXNetFileError as e:
-      raise MXNetFileError(f"resume_mxnet_ftml: {source}: {e}") from None
+    except FileError as e:
+      raise FileError(f"mxnet.resume: {source}: {e}") from None
   arguments = {**file_values, **overrides}
   treedef = jax.tree.structure(params)
   for key in ("lr_mult", "wd_mult"):
@@ -380,7 +380,7 @@ def resume_mxnet_ftml(
       arguments[key] = _multipliers_like(key, arguments[key], params, names)
   buffers = _buffers(saved.states, params, names, leaf_indices, layout,
                      by_default_order=indices is None)
-  optimizer = mxnet_ftml(**arguments)
+  optimizer = ftml(**arguments)
   state = _replace_ftml_buffers(
       optimizer.init(params), count,
       {k: treedef.unflatten(v) for k, v in buffers.items()})

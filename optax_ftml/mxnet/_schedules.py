@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ftml._mxnet_pickle import MXNetObject
-from optax_ftml._mxnet_pickle import RecordFields
+from optax_ftml.mxnet._pickle import PickledObject
+from optax_ftml.mxnet._pickle import RecordFields
 
 # Beyond this many updates, warm-ups and polynomial and cosine decays are
 # computed in float32 on the device (within a few float32 ulps of MXNet).
@@ -147,7 +147,7 @@ _AFTER_WARMUP = {"FactorScheduler": _factor,
                  "CosineScheduler": _decay}
 
 
-def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
+def lr_schedule(scheduler: PickledObject) -> Callable[[Any], jax.Array]:
   """The Optax-traceable equivalent of a pickled MXNet learning-rate scheduler.
 
   Supports MXNet's ``FactorScheduler``, ``MultiFactorScheduler``,
@@ -159,7 +159,7 @@ def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
   ``base_lr_orig``): the returned schedule continues from the pickled state,
   giving the learning rates MXNet would use next.
 
-  The schedule follows MXNet's convention, as :func:`mxnet_ftml` expects: it
+  The schedule follows MXNet's convention, as :func:`~optax_ftml.mxnet.ftml` expects: it
   is called with the 1-based update count ``num_update``. Its float32 rates
   are MXNet's bit for bit (MXNet computes in Python floats and its kernel
   rounds to float32; so do these, on the host, then look the rate up): for
@@ -176,39 +176,39 @@ def mxnet_lr_schedule(scheduler: MXNetObject) -> Callable[[Any], jax.Array]:
 
   Args:
     scheduler: the ``lr_scheduler`` record of a pickled MXNet optimizer (see
-      :func:`read_mxnet_trainer_states`), or a pickled scheduler read with it.
+      :func:`read_trainer_states`), or a pickled scheduler read with it.
 
   Returns:
     A function of the 1-based update count (an integer or an integer array)
     returning the float32 learning rate.
 
   Raises:
-    TypeError: if ``scheduler`` is not an :class:`MXNetObject`.
+    TypeError: if ``scheduler`` is not an :class:`PickledObject`.
     ValueError: for a scheduler class other than the four above (named in the
       message).
-    MXNetFileError: (a ``ValueError``) if an attribute MXNet pickles is
+    FileError: (a ``ValueError``) if an attribute MXNet pickles is
       missing or outside MXNet's range (named in the message).
 
   Examples:
     >>> import importlib.resources
-    >>> from optax_ftml import read_mxnet_trainer_states
-    >>> example = importlib.resources.files("optax_ftml") / "mxnet_example"
-    >>> saved = read_mxnet_trainer_states(example / "trainer.states")
+    >>> from optax_ftml import mxnet
+    >>> example = importlib.resources.files("optax_ftml.mxnet") / "example"
+    >>> saved = mxnet.read_trainer_states(example / "trainer.states")
     >>> scheduler = saved.optimizer.attributes["lr_scheduler"]
     >>> scheduler.class_name, scheduler.attributes["base_lr_orig"]
     ('CosineScheduler', 0.02)
-    >>> schedule = mxnet_lr_schedule(scheduler)
+    >>> schedule = mxnet.lr_schedule(scheduler)
     >>> print(f"{schedule(101):.6f}")  # the learning rate of MXNet's step 101
     0.016532
   """
-  if not isinstance(scheduler, MXNetObject):
+  if not isinstance(scheduler, PickledObject):
     raise TypeError(
-        "mxnet_lr_schedule: scheduler must be a scheduler read from an MXNet"
-        f" file (an MXNetObject), got {type(scheduler).__name__}.")
+        "mxnet.lr_schedule: scheduler must be a scheduler read from an MXNet"
+        f" file (an mxnet.PickledObject), got {type(scheduler).__name__}.")
   if scheduler.class_name not in _AFTER_WARMUP or not (
       scheduler.mxnet_class.startswith("mxnet.lr_scheduler.")):
     raise ValueError(
-        f"mxnet_lr_schedule: unsupported MXNet scheduler {scheduler.mxnet_class}"
+        f"mxnet.lr_schedule: unsupported MXNet scheduler {scheduler.mxnet_class}"
         f"; supported: {', '.join(sorted(_AFTER_WARMUP))}. Pass the learning rate"
         " or an equivalent schedule yourself.")
   fields = RecordFields(scheduler)

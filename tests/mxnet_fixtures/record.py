@@ -19,7 +19,7 @@ writes, from fixed seeds, into tests/mxnet_fixtures/ (or --out):
 * arrays/: NDArray files in several dtypes, without names, with NumPy shape
   semantics (a scalar, an empty array), and sparse.
 
-and, into optax_ftml/mxnet_example/ (or --example-out), the half-trained
+and, into optax_ftml/mxnet/example/ (or --example-out), the half-trained
 checkpoint of a small convolutional network on scikit-learn's digits used by
 colabs/migrating_from_mxnet.ipynb, with MXNet's loss before and after it.
 
@@ -45,7 +45,7 @@ from mxnet import autograd
 from mxnet import gluon
 
 HERE = pathlib.Path(__file__).parent
-EXAMPLE = HERE.parent.parent / "optax_ftml" / "mxnet_example"
+EXAMPLE = HERE.parent.parent / "optax_ftml" / "mxnet" / "example"
 
 
 def save_npz(path, arrays):

@@ -1,0 +1,34 @@
+"""Apache MXNet interoperability: MXNet's ``FTML`` and its files, without MXNet.
+
+* :func:`ftml` builds ``mxnet.optimizer.FTML(...)`` as an Optax chain, with
+  MXNet's argument names and order of gradient pre-processing (1.x or 2.x);
+  :func:`module_wd_mult` gives the Module API's weight-decay multipliers.
+* :func:`read_params` and :func:`read_trainer_states` read MXNet's parameter
+  and trainer-state files (no code in them is run); :func:`lr_schedule` turns
+  a pickled learning-rate scheduler into a schedule.
+* :func:`resume` continues an MXNet run from those files.
+"""
+
+from optax_ftml.mxnet._files import TrainerStates
+from optax_ftml.mxnet._files import read_params
+from optax_ftml.mxnet._files import read_trainer_states
+from optax_ftml.mxnet._optimizer import ftml
+from optax_ftml.mxnet._optimizer import module_wd_mult
+from optax_ftml.mxnet._optimizer import to_flax_layout
+from optax_ftml.mxnet._pickle import FileError
+from optax_ftml.mxnet._pickle import PickledObject
+from optax_ftml.mxnet._resume import resume
+from optax_ftml.mxnet._schedules import lr_schedule
+
+__all__ = (
+    "FileError",
+    "PickledObject",
+    "TrainerStates",
+    "ftml",
+    "lr_schedule",
+    "module_wd_mult",
+    "read_params",
+    "read_trainer_states",
+    "resume",
+    "to_flax_layout",
+)
