@@ -327,7 +327,7 @@ def test_the_scale_out_notebook_runs_as_it_says_on_two_processes(
 @pytest.mark.parametrize("how", ["mpirun", "srun", "loop"])
 def test_sigterm_leaves_no_process_behind(how, tmp_path):
   """SIGTERM to tests/engines.py, while it runs processes that ignore
-  SIGTERM (as JAX's distributed runtime does), stops every one of them."""
+  SIGTERM, stops every one of them."""
   if how != "loop":
     engines.require(how)
   pids = tmp_path / "pids"
