@@ -1,4 +1,4 @@
-"""One process of an FSDP training run, started by optax_ftml.launch.
+"""One process of an FSDP training run, started by mpirun or srun.
 
 Every process runs this script. The parameters and FTML's state are split over
 one global mesh of all processes' devices, each process feeds its own rows of
@@ -11,6 +11,9 @@ into --out:
 * ``saved.npz``: the parameters and state saved at --save-at;
 * ``restored.npz``: with --resume DIR, what was read from the checkpoint in
   DIR (saved at --save-at by an earlier run), from which training continues;
+* ``shares.npz``: the fraction of every parameter and FTML buffer that
+  process 0's devices hold (each process checks its own: 1/N of every split
+  leaf, all of a replicated one);
 * ``update_alone.npz``: parameters and state after FTML's update alone (no
   reduction), from a fresh start;
 * ``mxnet_resumed.npz``: with --mxnet DIR (and nothing else run), the
@@ -22,15 +25,17 @@ import argparse
 import json
 import os
 import pathlib
+import sys
 
 import jax
 
-# Before JAX starts: the launcher sets the coordinator's address, the number of
-# processes and this process's id.
-jax.distributed.initialize(
-    coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
-    num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
-    process_id=int(os.environ["JAX_PROCESS_ID"]))
+# Before JAX starts: JAX finds the other processes in mpirun's or srun's
+# variables, and every process must have joined.
+jax.distributed.initialize()
+STARTED = max(int(os.environ.get(name, "1")) for name in
+              ("OMPI_COMM_WORLD_SIZE", "SLURM_STEP_NUM_TASKS", "PMI_SIZE"))
+if STARTED > 1 and STARTED != jax.process_count():
+  sys.exit(f"{STARTED} processes started, {jax.process_count()} joined")
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -41,6 +46,7 @@ from jax.sharding import AxisType  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+from optax_ftml import FTMLLeanState  # noqa: E402
 from optax_ftml import FTMLState  # noqa: E402
 from optax_ftml import ftml  # noqa: E402
 from optax_ftml import mxnet  # noqa: E402
@@ -131,6 +137,44 @@ def assert_state_sharded_like_params(tx, params, opt_state):
     assert buffer == param, (buffer, param)
 
 
+def held(leaf):
+  """The elements of ``leaf`` that this process stores, each shard once."""
+  return sum({str(shard.index): shard.data.size
+              for shard in leaf.addressable_shards}.values())
+
+
+def assert_each_process_holds_its_share(params, opt_state, name, out):
+  """This process stores 1/N of every split parameter and FTML buffer (of N
+  processes), and all of a replicated one."""
+  ftml_state = opt_state[1]
+  assert isinstance(ftml_state, FTMLState | FTMLLeanState)
+  trees = {"params": params, "v": ftml_state.v, "z": ftml_state.z}
+  if isinstance(ftml_state, FTMLState):  # the lean state recomputes d_prev
+    trees["d_prev"] = ftml_state.d_prev
+  for field, tree in trees.items():
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+      split = leaf.sharding.spec != P()
+      expected = leaf.size // jax.process_count() if split else leaf.size
+      key = f"{name}/{field}{jax.tree_util.keystr(path)}"
+      assert held(leaf) == expected, (key, held(leaf), leaf.size)
+      out["shares"][key] = np.float64(held(leaf) / leaf.size)
+
+
+def assert_eager_init_is_not_saved(tx, params, opt_state, checkpoints, name):
+  """The guide's caveat: an eager init leaves the count on this process's
+  devices only, and Orbax refuses to save it; the jitted one spans all."""
+  eager = tx.init(params)
+  assert eager[1].count.is_fully_addressable
+  assert not opt_state[1].count.is_fully_addressable
+  try:
+    ocp.StandardCheckpointer().save(
+        pathlib.Path(checkpoints).absolute() / f"{name}_eager", eager)
+  except ValueError as error:
+    assert "host local" in str(error), error
+  else:
+    raise AssertionError("Orbax saved a count that one process holds")
+
+
 def train(name, base, arguments, out, checkpoints):
   tx = optax.chain(optax.clip_by_global_norm(1.0), base)
   param_shardings, replicated, batch_sharding = mesh_and_shardings()
@@ -151,6 +195,8 @@ def train(name, base, arguments, out, checkpoints):
     params = jax.device_put(initial_params(), param_shardings)
     opt_state = jax.jit(tx.init, out_shardings=state_shardings)(params)
     first = 0
+    if jax.process_count() > 1:
+      assert_eager_init_is_not_saved(tx, params, opt_state, checkpoints, name)
 
   def train_step(params, opt_state, x, y):
     loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
@@ -176,6 +222,7 @@ def train(name, base, arguments, out, checkpoints):
     # when the devices outnumber the cores; wait for each step.
     losses.append(jax.block_until_ready(loss))
   assert_state_sharded_like_params(tx, params, opt_state)
+  assert_each_process_holds_its_share(params, opt_state, name, out)
   out["losses"][name] = np.asarray(losses)
   out["final"].update(flat(gather({"params": params, "opt_state": opt_state}),
                            name))
@@ -263,7 +310,7 @@ def main():
   parser.add_argument("--mxnet")
   arguments = parser.parse_args()
   out = {name: {} for name in ("losses", "final", "saved", "restored",
-                               "update_alone", "mxnet_resumed")}
+                               "shares", "update_alone", "mxnet_resumed")}
   if arguments.mxnet:
     mxnet_resumed(arguments.mxnet, out)
   else:
