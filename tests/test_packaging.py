@@ -83,3 +83,29 @@ def test_floors_run_every_core_test_file():
   present = {path.name for path in (ROOT / "tests").glob("test_*.py")}
   assert set(listed) <= present, set(listed) - present
   assert set(listed) == present - NEEDS_EXTRAS
+
+
+def pip_install_arguments(text):
+  """The arguments of every ``pip install`` command in ``text``."""
+  for match in re.finditer(r"pip install ([^\n`]*)", text):
+    for argument in match[1].split():
+      yield argument.strip("\"'\\,;)")
+
+
+def test_nothing_installs_optax_ftml_by_its_bare_name():
+  # optax_ftml is not on a package index: `pip install optax_ftml` would
+  # install whatever someone registered under that name. Every install names
+  # a clone or a wheel.
+  sources = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
+             *(ROOT / "colabs").glob("*.ipynb"),
+             *(ROOT / "optax_ftml").rglob("*.py"), *(ROOT / ".ci").iterdir(),
+             ROOT / ".github" / "workflows" / "tests.yml"]
+  assert len(sources) > 20
+  bare = [(path.relative_to(ROOT).as_posix(), argument)
+          for path in sources if path.is_file()
+          for argument in pip_install_arguments(path.read_text())
+          if re.fullmatch(r"optax_ftml(\[[\w,-]*\])?([=<>!~].*)?", argument)]
+  assert not bare
+  # The check itself: it finds the commands that it must refuse.
+  assert list(pip_install_arguments('`pip install "optax_ftml[demo]"`')) == [
+      "optax_ftml[demo]"]
