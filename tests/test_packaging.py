@@ -42,7 +42,7 @@ def test_documented_floors_are_the_declared_ones():
   requirements = [*project["dependencies"],
                   *(r for extra in project["optional-dependencies"].values()
                     for r in extra)]
-  declared = dict(re.fullmatch(r"([\w.-]+)>=([\w.]+)", r).groups()
+  declared = dict(re.fullmatch(r"([\w.-]+)(?:\[[\w,]+\])?>=([\w.]+)", r).groups()
                   for r in requirements if ">=" in r)
   page = (ROOT / "docs" / "getting_started.md").read_text()
   documented = dict(re.findall(r"^\| `([\w.-]+)`[^|]* \| ([\w.]+) \|", page,
@@ -109,3 +109,18 @@ def test_nothing_installs_optax_ftml_by_its_bare_name():
   # The check itself: it finds the commands that it must refuse.
   assert list(pip_install_arguments('`pip install "optax_ftml[demo]"`')) == [
       "optax_ftml[demo]"]
+
+
+def test_the_workflow_runs_every_environment_of_ci_run():
+  # .ci/run runs the environments one after another; the workflow, one job
+  # each, on the same Python.
+  ci = (ROOT / ".ci" / "run").read_text()
+  scripts = re.findall(r"^bash (\.ci/\w+)$", ci, re.M)
+  assert scripts == [".ci/test", ".ci/floors", ".ci/newest"]
+  workflow = (ROOT / ".github" / "workflows" / "tests.yml").read_text()
+  jobs = re.findall(r'python: "([\d.]+)"\n\s+script: (\S+)', workflow)
+  newest = re.search(r"^NEWEST_PYTHON=([\d.]+)$",
+                     (ROOT / ".ci" / "newest").read_text(), re.M)[1]
+  assert jobs == [("3.11", ".ci/test"), ("3.11", ".ci/floors"),
+                  (newest, ".ci/newest")]
+  assert "run: bash ${{ matrix.script }}" in workflow
