@@ -37,9 +37,18 @@ def python_blocks():
       yield pytest.param(block, id=f"{name}-{index}", marks=marks)
 
 
-@pytest.mark.parametrize("module", [
-    "_ftml", "mxnet._optimizer", "mxnet._files", "mxnet._schedules",
-    "mxnet._resume"])
+# Every module of the package with an example in a docstring.
+EXAMPLE_MODULES = sorted(
+    ".".join(path.relative_to(ROOT / "optax_ftml").with_suffix("").parts)
+    for path in (ROOT / "optax_ftml").rglob("*.py") if ">>> " in path.read_text())
+
+
+def test_docstring_examples_are_found():
+  assert {"_ftml", "mxnet._optimizer", "mxnet._files", "mxnet._schedules",
+          "mxnet._resume"} <= set(EXAMPLE_MODULES)
+
+
+@pytest.mark.parametrize("module", EXAMPLE_MODULES)
 def test_docstring_examples(module):
   module = importlib.import_module(f"optax_ftml.{module}")
   with jax.numpy_dtype_promotion("standard"):
