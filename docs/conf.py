@@ -1,7 +1,9 @@
 """Sphinx configuration of the optax_ftml documentation."""
 
+import importlib.metadata
 import os
 import pathlib
+import shutil
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -56,6 +58,34 @@ autodoc_preserve_defaults = True
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+
+# MathJax is served from the built site, so that every formula renders without
+# a network (a site opened from its folder, or read offline): MathJax 3's SVG
+# output, whose TeX font is in the script itself (no web fonts to fetch), from
+# the sphinx-mathjax-offline package (the docs extra).
+MATHJAX = importlib.metadata.distribution("sphinx-mathjax-offline").locate_file(
+    "sphinx-mathjax-offline/static/mathjax")
+mathjax_path = "mathjax/tex-svg.js"
+
+
+def copy_mathjax(app, exception):
+  # The combined tex-svg.js, and the components it loads on demand (TeX
+  # extensions, the menu's accessibility tools).
+  if exception is None and app.builder.format == "html":
+    target = pathlib.Path(app.outdir) / "_static" / "mathjax"
+    shutil.copytree(MATHJAX, target, dirs_exist_ok=True, ignore=lambda _, names: [
+        n for n in names if n.endswith(("-chtml.js", "-full.js", "-speech.js"))
+        or n in ("node-main.js", "mml-svg.js", "tex-mml-svg.js", "chtml")])
+
+
+# Code, tables and notebook outputs wider than the column scroll (custom.css).
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+
+
+def setup(app):
+  app.connect("build-finished", copy_mathjax)
+
 
 # MyST Markdown and notebooks.
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]

@@ -26,10 +26,12 @@ try:
   from flax import nnx
   from matplotlib.figure import Figure
 except ImportError as error:
+  missing = (error.name or "").partition(".")[0]
   raise ImportError(
-      f"The demo needs {error.name}, which optax_ftml's demo extra installs:"
-      ' pip install ".[demo]" in a clone of the repository (or'
-      ' pip install "optax_ftml[demo]" once it is released)') from error
+      f"The demo needs {missing}, which optax_ftml's demo extra installs:"
+      ' pip install ".[demo]" in a clone of the repository, or'
+      ' pip install "dist/optax_ftml-<version>-py3-none-any.whl[demo]" with a'
+      " wheel built there", name=missing) from error
 
 from optax_ftml import ftml
 
@@ -174,7 +176,7 @@ def train(name: str, learning_rate: float, data: Digits, steps: int,
   losses[0].block_until_ready()
   first_step_done = time.perf_counter()
   with tqdm.tqdm(total=steps, initial=1, desc=f"{name:>9}", unit="step",
-                 disable=not progress, file=sys.stdout) as bar:
+                 disable=not progress, file=sys.stderr) as bar:
     for step in range(1, steps):
       if train_one_step(step):
         bar.set_postfix(loss=f"{float(losses[-1]):.4f}",
@@ -280,7 +282,6 @@ def run(args: argparse.Namespace) -> list[RunResult]:
 
   print()
   print(format_table(results))
-  print(f"JAX backend: {jax.default_backend()} ({device.device_kind})")
   plot(results, args.output,
        f"Flax NNX CNN on the digits data set, batch {args.batch_size},"
        f" seed {args.seed}")

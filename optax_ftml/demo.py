@@ -142,11 +142,22 @@ def parse_args(parser: argparse.ArgumentParser,
   return args
 
 
+# The packages of the demo extra, as their modules are named.
+DEMO_MODULES = ("flax", "sklearn", "matplotlib", "tqdm")
+
+
 def main(argv: Sequence[str] | None = None) -> list[RunResult]:
-  args = parse_args(make_parser(), argv)
+  parser = make_parser()
+  args = parse_args(parser, argv)
   # Imported once the flags are known to be good: --help and a bad flag answer
   # at once, without the seconds JAX, Flax and scikit-learn take to import.
-  from optax_ftml import _demo
+  try:
+    from optax_ftml import _demo
+  except ImportError as error:
+    if error.name not in DEMO_MODULES:
+      raise
+    # What to install, not a traceback.
+    parser.exit(1, f"{parser.prog}: {error}\n")
   return _demo.run(args)
 
 

@@ -39,9 +39,35 @@ def test_short_run_prints_table_and_writes_png(tmp_path, capsys):
   rows = lines[header + 2:header + 4]
   assert [row.split()[0] for row in rows] == ["ftml", "sgd"]
   assert f"{100 * ftml.test_accuracy:.2f}%" in rows[0]
-  assert "JAX backend: cpu" in out
+  # The backend is said once, in the first line.
+  assert "backend cpu" in lines[0] and out.count("backend") == 1
   with open(output, "rb") as png:
     assert png.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_progress_goes_to_stderr_and_results_to_stdout(tmp_path, capsys):
+  # `python -m optax_ftml.demo > log` keeps the table, not the progress bars.
+  demo.main(["--optimizers", "ftml", "--steps", "5", "--batch-size", "32",
+             "--output", str(tmp_path / "curves.png")])
+  captured = capsys.readouterr()
+  assert "\r" not in captured.out
+  assert "100%" not in captured.out
+  assert "Loss curves written to" in captured.out
+  assert "     ftml: 100%" in captured.err and "5/5" in captured.err
+
+
+def test_without_the_demo_extra_it_says_what_to_install(tmp_path):
+  # None in sys.modules makes any import of that package fail.
+  code = ("import runpy, sys\n"
+          f"sys.modules.update(dict.fromkeys({demo.DEMO_MODULES!r}))\n"
+          f"sys.argv = ['demo', '--output', {str(tmp_path / 'c.png')!r}]\n"
+          "runpy.run_module('optax_ftml.demo', run_name='__main__')")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True,
+                          text=True, check=False)
+  assert result.returncode == 1
+  assert "Traceback" not in result.stderr
+  assert result.stderr.startswith("python -m optax_ftml.demo: The demo needs ")
+  assert 'pip install ".[demo]" in a clone' in result.stderr
 
 
 def test_batches_cover_each_epoch_once():

@@ -7,6 +7,7 @@ import io
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -36,9 +37,18 @@ def python_blocks():
       yield pytest.param(block, id=f"{name}-{index}", marks=marks)
 
 
-@pytest.mark.parametrize("module", [
-    "_ftml", "mxnet._optimizer", "mxnet._files", "mxnet._schedules",
-    "mxnet._resume"])
+# Every module of the package with an example in a docstring.
+EXAMPLE_MODULES = sorted(
+    ".".join(path.relative_to(ROOT / "optax_ftml").with_suffix("").parts)
+    for path in (ROOT / "optax_ftml").rglob("*.py") if ">>> " in path.read_text())
+
+
+def test_docstring_examples_are_found():
+  assert {"_ftml", "mxnet._optimizer", "mxnet._files", "mxnet._schedules",
+          "mxnet._resume"} <= set(EXAMPLE_MODULES)
+
+
+@pytest.mark.parametrize("module", EXAMPLE_MODULES)
 def test_docstring_examples(module):
   module = importlib.import_module(f"optax_ftml.{module}")
   with jax.numpy_dtype_promotion("standard"):
@@ -108,6 +118,55 @@ def test_site_builds_without_warnings(tmp_path):
   assert images and all((site / image).exists() for image in images)
   # Pictures referenced from outside docs/ are copied into the site.
   assert (site / "_images" / "convergence_1.png").exists()
+
+  # Offline, in a 1280-pixel window: every formula typeset by the site's own
+  # MathJax, nothing asked of the network, no glyph falling back, nothing
+  # clipped, on every page.
+  check = check_rendering(site)
+  assert check.returncode == 0, check.stdout + check.stderr
+  checked = re.findall(r"^(\S+\.html): (\d+) formulas$", check.stdout, re.M)
+  assert len(checked) >= 19
+  assert int(dict(checked)["guides/what_ftml_computes.html"]) >= 20
+
+
+def check_rendering(site):
+  browsers = ("chromium", "chromium-browser", "google-chrome")
+  assert any(map(shutil.which, browsers)), (
+      "docs/check_rendering.py needs Chromium: apt-get install chromium"
+      " (.ci/test installs it)")
+  return subprocess.run(
+      [sys.executable, str(DOCS / "check_rendering.py"), str(site)],
+      capture_output=True, text=True, timeout=900, check=False)
+
+
+@pytest.mark.extras
+def test_rendering_check_finds_what_it_checks(tmp_path):
+  # Pages that each break one rule, and one that breaks none.
+  long_line = "x = 1  # " + "a long comment " * 40
+  pages = {
+      "network.html": '<img src="http://192.0.2.1/logo.png" alt="">',
+      "clipped.html": ('<div style="width: 300px; overflow: hidden">'
+                       f'<pre style="white-space: pre">{long_line}</pre></div>'),
+      "past_the_column.html": (
+          '<div style="width: 300px"><table><tr><td style="white-space: nowrap">'
+          f"{long_line}</td></tr></table></div>"),
+      "math_not_typeset.html": '<p><span class="math">\\(x^2\\)</span></p>',
+      "fine.html": ('<div style="width: 300px; overflow-x: auto">'
+                    f'<pre style="white-space: pre">{long_line}</pre></div>'),
+  }
+  for name, body in pages.items():
+    (tmp_path / name).write_text(
+        "<!DOCTYPE html><html><body><article style='width: 400px'>"
+        f"{body}</article></body></html>")
+  check = check_rendering(tmp_path)
+  assert check.returncode == 1
+  report = dict(re.findall(r"^(\S+)\.html: \d+ formulas((?:\n  .*)*)",
+                           check.stdout, re.M))
+  assert report["fine"] == ""
+  assert "asked the network for http://192.0.2.1/logo.png" in report["network"]
+  assert "clipped, cut" in report["clipped"]
+  assert "clipped, past the column" in report["past_the_column"]
+  assert "1 formulas, 0 typeset" in report["math_not_typeset"]
 
 
 @pytest.mark.parametrize("page", [ROOT / "README.md",

@@ -1,6 +1,8 @@
 """Runs every notebook in colabs/ top to bottom, with few training steps."""
 
+import glob
 import importlib.util
+import os
 import pathlib
 import re
 import sys
@@ -40,14 +42,14 @@ def install_cell(path):
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
 def test_colab_install_says_how_to_install_before_a_release(path):
-  # On Colab: an uploaded wheel or clone, else the released package by name;
-  # never an address that nothing publishes.
+  # On Colab: an uploaded wheel or clone; never a bare name that anyone could
+  # register on PyPI, never an address that nothing publishes.
   install = install_cell(path)
   assert '"google.colab" in sys.modules' in install
-  assert '"optax_ftml[demo]"' in install
   assert 'glob.glob("/content/optax_ftml-*.whl")' in install
   assert "pip install build && python -m build" in install
   assert not re.search(r"git\+|https?://", install)
+  assert not re.search(r"""["']optax_ftml\[""", install)
 
 
 class FakeIPython:
@@ -61,12 +63,18 @@ class FakeIPython:
     self.pip_lines.append(line)
 
 
-@pytest.mark.parametrize("before, pip_installs", [
-    ("missing", False), ("missing", True), ("installed", None)])
+@pytest.mark.parametrize("before, copy, pip_installs, requirement", [
+    ("installed", "wheel", None, None),
+    ("missing", "wheel", True, "/content/optax_ftml-0.1.0-py3-none-any.whl[demo]"),
+    ("missing", "clone", True, "/content/optax_ftml[demo]"),
+    ("missing", "clone", False, "/content/optax_ftml[demo]"),
+    ("missing", None, None, None),
+])
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)
-def test_colab_install_stops_the_notebook_when_it_fails(
-    path, before, pip_installs, monkeypatch):
-  # The cell as IPython runs it, on Colab, with optax_ftml found or not.
+def test_colab_install_installs_only_the_copy_given_or_stops(
+    path, before, copy, pip_installs, requirement, monkeypatch):
+  # The cell as IPython runs it, on Colab, with optax_ftml found or not, and a
+  # wheel, a clone or nothing in /content.
   code = TransformerManager().transform_cell(install_cell(path))
   ipython = FakeIPython()
   monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("colab"))
@@ -79,19 +87,26 @@ def test_colab_install_stops_the_notebook_when_it_fails(
       return None
     return find_spec(name, *args)
 
+  wheel = "/content/optax_ftml-0.1.0-py3-none-any.whl"
   monkeypatch.setattr(importlib.util, "find_spec", colab_find_spec)
+  monkeypatch.setattr(glob, "glob", lambda pattern: (
+      [wheel] if copy == "wheel" and pattern == "/content/optax_ftml-*.whl"
+      else []))
+  exists = os.path.exists
+  monkeypatch.setattr(os.path, "exists", lambda name: (
+      copy == "clone" if name.startswith("/content/") else exists(name)))
   namespace = {"get_ipython": lambda: ipython}
-  if pip_installs is False:
+  if before == "missing" and not pip_installs:
     with pytest.raises(RuntimeError,
                        match=r"pip install build && python -m build"):
       exec(code, namespace)
   else:
     exec(code, namespace)
-  if before == "installed":
+  if before == "installed" or copy is None:
     assert ipython.pip_lines == []
   else:
     assert ipython.pip_lines == ['install --quiet "{requirement}"']
-    assert namespace["requirement"] == "optax_ftml[demo]"
+    assert namespace["requirement"] == requirement
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda path: path.stem)

@@ -42,7 +42,7 @@ def test_documented_floors_are_the_declared_ones():
   requirements = [*project["dependencies"],
                   *(r for extra in project["optional-dependencies"].values()
                     for r in extra)]
-  declared = dict(re.fullmatch(r"([\w.-]+)>=([\w.]+)", r).groups()
+  declared = dict(re.fullmatch(r"([\w.-]+)(?:\[[\w,]+\])?>=([\w.]+)", r).groups()
                   for r in requirements if ">=" in r)
   page = (ROOT / "docs" / "getting_started.md").read_text()
   documented = dict(re.findall(r"^\| `([\w.-]+)`[^|]* \| ([\w.]+) \|", page,
@@ -83,3 +83,44 @@ def test_floors_run_every_core_test_file():
   present = {path.name for path in (ROOT / "tests").glob("test_*.py")}
   assert set(listed) <= present, set(listed) - present
   assert set(listed) == present - NEEDS_EXTRAS
+
+
+def pip_install_arguments(text):
+  """The arguments of every ``pip install`` command in ``text``."""
+  for match in re.finditer(r"pip install ([^\n`]*)", text):
+    for argument in match[1].split():
+      yield argument.strip("\"'\\,;)")
+
+
+def test_nothing_installs_optax_ftml_by_its_bare_name():
+  # optax_ftml is not on a package index: `pip install optax_ftml` would
+  # install whatever someone registered under that name. Every install names
+  # a clone or a wheel.
+  sources = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
+             *(ROOT / "colabs").glob("*.ipynb"),
+             *(ROOT / "optax_ftml").rglob("*.py"), *(ROOT / ".ci").iterdir(),
+             ROOT / ".github" / "workflows" / "tests.yml"]
+  assert len(sources) > 20
+  bare = [(path.relative_to(ROOT).as_posix(), argument)
+          for path in sources if path.is_file()
+          for argument in pip_install_arguments(path.read_text())
+          if re.fullmatch(r"optax_ftml(\[[\w,-]*\])?([=<>!~].*)?", argument)]
+  assert not bare
+  # The check itself: it finds the commands that it must refuse.
+  assert list(pip_install_arguments('`pip install "optax_ftml[demo]"`')) == [
+      "optax_ftml[demo]"]
+
+
+def test_the_workflow_runs_every_environment_of_ci_run():
+  # .ci/run runs the environments one after another; the workflow, one job
+  # each, on the same Python.
+  ci = (ROOT / ".ci" / "run").read_text()
+  scripts = re.findall(r"^bash (\.ci/\w+)$", ci, re.M)
+  assert scripts == [".ci/test", ".ci/floors", ".ci/newest"]
+  workflow = (ROOT / ".github" / "workflows" / "tests.yml").read_text()
+  jobs = re.findall(r'python: "([\d.]+)"\n\s+script: (\S+)', workflow)
+  newest = re.search(r"^NEWEST_PYTHON=([\d.]+)$",
+                     (ROOT / ".ci" / "newest").read_text(), re.M)[1]
+  assert jobs == [("3.11", ".ci/test"), ("3.11", ".ci/floors"),
+                  (newest, ".ci/newest")]
+  assert "run: bash ${{ matrix.script }}" in workflow

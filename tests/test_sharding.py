@@ -119,19 +119,28 @@ def test_jit_with_explicit_in_and_out_shardings(axis_type):
   jax.tree.map(close, (updates, state), (local_updates, local_state))
 
 
-def test_eval_shape_on_sharded_abstract_params_keeps_the_shardings():
-  """With explicit mesh axes, ``jax.eval_shape(init, ShapeDtypeStructs)``
-  gives the state's shardings (e.g. to restore a checkpoint into them)."""
-  mesh = make_mesh(AxisType.Explicit)
-  abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=s)
-              for (k, (shape, dtype, _)), s in zip(
-                  SPECS.items(), param_shardings(mesh).values(), strict=True)}
-  state = jax.eval_shape(OPTIMIZER.init, abstract)
+def assert_same_specs(state, abstract, mesh):
   for buffer in (state.v, state.z, state.d_prev):
     for k, leaf in buffer.items():
       assert leaf.shape == abstract[k].shape
       assert leaf.sharding.spec == abstract[k].sharding.spec
       assert leaf.sharding.mesh.shape_tuple == mesh.shape_tuple
+
+
+def test_eval_shape_on_sharded_abstract_params_keeps_the_shardings():
+  """With explicit mesh axes, ``jax.eval_shape(init, ShapeDtypeStructs)``
+  within ``jax.set_mesh(mesh)`` gives the state's shardings (e.g. to restore a
+  checkpoint into them), on every supported JAX; ``jax.jit(init,
+  out_shardings=...)`` does with or without the mesh's context."""
+  mesh = make_mesh(AxisType.Explicit)
+  shardings = param_shardings(mesh)
+  abstract = {k: jax.ShapeDtypeStruct(shape, dtype, sharding=shardings[k])
+              for k, (shape, dtype, _) in SPECS.items()}
+  with jax.set_mesh(mesh):
+    assert_same_specs(jax.eval_shape(OPTIMIZER.init, abstract), abstract, mesh)
+  init = jax.jit(OPTIMIZER.init, out_shardings=state_shardings(
+      OPTIMIZER, abstract, shardings, mesh))
+  assert_same_specs(jax.eval_shape(init, abstract), abstract, mesh)
 
 
 def test_eval_shape_with_auto_axes_and_tree_map_params():
