@@ -204,6 +204,17 @@ def shared_member_npz(entries, distinct_names=False):
   return zip_archive(body, [central_entry(n, data, 0) for n in names])
 
 
+def zip64_member_npz(entries):
+  """One stored ~1 MiB member with zip64 sizes, its central directory entry
+  repeated ``entries`` times under the same name."""
+  data = npy(np.zeros(1 << 18, np.float32))
+  wide = (0xFFFFFFFF, 0xFFFFFFFF)
+  extra = struct.pack("<HHQQ", 1, 16, len(data), len(data))
+  body = local_header(b"w.npy", data, sizes=wide, extra=extra) + data
+  entry = central_entry(b"w.npy", data, 0, sizes=wide, extra=extra)
+  return zip_archive(body, [entry] * entries)
+
+
 def nested_member_npz():
   """Two members with distinct names and valid CRCs whose bytes overlap: the
   second's local header and data lie inside the first's data."""
@@ -260,6 +271,8 @@ CASES = {
         "declares 4294967295 bytes"),
     "300,000 empty lists": ("states", lambda: PROTO4 + b"}K\x00]("
                             + b"]" * 300_000 + b"es.", BUDGET),
+    "258,240 memoised empty lists": ("states", lambda: PROTO4 + b"}K\x00]("
+                                     + b"]\x94" * 258_240 + b"es.", BUDGET),
     "300,000 empty dicts": ("states", lambda: PROTO4 + b"}K\x00]("
                             + b"}" * 300_000 + b"es.", BUDGET),
     "a 100 kB string 1,000 times": ("states", lambda: PROTO4 + b"}K\x00]("
@@ -316,6 +329,8 @@ CASES = {
     "npz: 3,000 names over one 1 MiB member": (
         "params", lambda: shared_member_npz(3000, distinct_names=True),
         "overlaps the one before"),
+    "npz: one zip64 member under 1,500 entries": (
+        "params", lambda: zip64_member_npz(1500), "overlaps the one before"),
     "npz: a member inside another's data": (
         "params", nested_member_npz, "overlaps the one before"),
     "npz: another file": ("params", lambda: npz([("w.txt", b"")]),

@@ -15,10 +15,13 @@ Three formats:
   state, NDArrays pickled as ``{'handle': <one array in the per-array
   format>}``.
 
-Pickles can run arbitrary code when loaded, so trainer-state files are not
-unpickled: their opcodes are executed by the project's own reader
+Every reader takes its bytes from :func:`read_source`, the one way in:
+regular files only, read once to the size the file system gives. Pickles can
+run arbitrary code when loaded, so trainer-state files are not unpickled:
+their opcodes are executed by the project's own reader
 (``optax_ftml.mxnet._pickle``), which knows only what MXNet writes, calls
-nothing from the file and costs at most a constant times the file's size.
+nothing from the file and spends at most a budget of 32 bytes per byte of
+the file. Zip files are validated whole before any member is read.
 """
 
 from __future__ import annotations
@@ -480,6 +483,18 @@ def read_params(
   positions and attribute names); the Module API's are ``arg:<name>`` and
   ``aux:<name>``.
 
+  Files from strangers are safe to read: a path must be a regular file
+  (symbolic links followed; a FIFO, directory or device is refused without
+  blocking) and is read once, to the size the file system gives. Every count,
+  shape and size is checked against the bytes left before anything is
+  allocated, so memory stays within a few times the file's size. A ``.npz``
+  is validated whole before any member is read: its central directory
+  against the end record and each local header, its members stored (not
+  compressed or encrypted), within the file and following each other without
+  gap or overlap (no byte read twice), each matching its CRC. Whatever an
+  error message quotes from the file is escaped to printable ASCII and cut at
+  60 characters.
+
   Args:
     file: a path, or the file's contents as bytes.
 
@@ -489,9 +504,11 @@ def read_params(
 
   Raises:
     FileError: (a ``ValueError``) if the file is not an MXNet parameter
-      file, is truncated or corrupted, or holds something unsupported: sparse
-      storage, unset arrays, an unknown dtype, compressed or non-``.npy``
-      zip members. Nothing is returned then.
+      file (a trainer-state file is named as such), is not a regular file,
+      is truncated or corrupted, or holds something unsupported: sparse
+      storage, unset arrays, an unknown dtype, compressed, encrypted,
+      overlapping or non-``.npy`` zip members. Nothing is returned then.
+    OSError: if the path cannot be opened (e.g. ``FileNotFoundError``).
     TypeError: if ``file`` is neither a path nor bytes.
 
   Examples:
@@ -585,10 +602,21 @@ def read_trainer_states(
   opcodes MXNet writes: MXNet's NDArrays become NumPy arrays, its optimizers
   and learning-rate schedulers inert :class:`PickledObject` records, and any
   other global, any opcode MXNet never writes (extensions, persistent ids,
-  sets), any key but an integer or a string, nesting deeper than 32 and
-  shared references expanding beyond a few times the file's size are refused.
-  Nothing in the file is called, and time and memory stay within a constant
-  times the file's size.
+  sets, protocol 0's text opcodes: refused before their arguments are
+  decoded), any key but an integer or a string and nesting deeper than 32 are
+  refused. Nothing in the file is called, and no warning escapes (one raised
+  while reading is a ``FileError``).
+
+  A file of ``n`` bytes has a budget of ``32 * n + 4096`` bytes, charged
+  before each object is made: every object the reader creates or keeps (an
+  upper bound of CPython's size for it) and the result counted as a tree,
+  shared references at every occurrence, strings, bytes and arrays by their
+  size (so the result's ``repr``, or a copy that does not keep sharing, is
+  within the budget too). A file needing more is refused. A path must be a
+  regular file (symbolic links followed; a FIFO, directory or device is
+  refused without blocking) and is read once, to the size the file system
+  gives. Whatever an error message quotes from the file is escaped to
+  printable ASCII and cut at 60 characters.
 
   Args:
     file: a path, or the file's contents as bytes.
@@ -599,8 +627,11 @@ def read_trainer_states(
   Raises:
     FileError: (a ``ValueError``) if the pickle refers to anything outside
       the allow-list (e.g. a function such as ``os.system``, or a custom
-      scheduler class), is truncated or corrupted, or holds sparse or
-      unsupported arrays. Nothing is returned then.
+      scheduler class), needs more than its budget, is truncated or
+      corrupted, or holds sparse or unsupported arrays; or if the file is a
+      parameter file (named as such) or not a regular file. Nothing is
+      returned then.
+    OSError: if the path cannot be opened (e.g. ``FileNotFoundError``).
     TypeError: if ``file`` is neither a path nor bytes.
 
   Examples:
