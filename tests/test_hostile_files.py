@@ -219,18 +219,20 @@ def budget(data):
   return BUDGET_PER_FILE_BYTE * len(data) + BUDGET_BASE
 
 
-def lists_and_bytes(lists, blob):
-  """{0: [[], ..., [], blob]}: ``lists`` empty lists and one bytes object."""
+def lists_and_bytes(lists, size):
+  """{0: [[], ..., [], blob, blob]}: ``lists`` empty lists and one bytes
+  object of ``size`` bytes, memoised and fetched again."""
   data = (hostile_files.PROTO4 + b"}K\x00](" + b"]" * lists + b"B"
-          + struct.pack("<I", len(blob)) + blob + b"es.")
+          + struct.pack("<I", size) + bytes(size) + b"\x94h\x00es.")
   need = (DICT + REFERENCE + NUMBER + REFERENCE  # {, 0
           + OBJECT + REFERENCE + REFERENCE  # [, mark
           + lists * (OBJECT + REFERENCE)  # the empty lists
-          + OBJECT + len(blob) + REFERENCE  # the bytes
-          + REFERENCE * (lists + 1) + DICT_ITEM  # appends, setitem
-          # the tree: dict, key, list, its lists, the bytes (4 per byte)
-          + REFERENCE + NUMBER + REFERENCE + REFERENCE * lists + REFERENCE
-          + 4 * len(blob))
+          + OBJECT + size + REFERENCE  # the bytes (1 per byte)
+          + REFERENCE + SHARED + REFERENCE  # memoised, fetched again
+          + REFERENCE * (lists + 2) + DICT_ITEM  # appends, setitem
+          # the tree: dict, key, list, its lists, the bytes twice (4 per byte)
+          + REFERENCE + NUMBER + REFERENCE + REFERENCE * lists
+          + 2 * (REFERENCE + 4 * size))
   return data, need
 
 
@@ -248,19 +250,73 @@ def one_string_many_times(times, length):
   return data, need
 
 
+def at_the_edge(family, lists_range):
+  """Arguments of ``family(lists, size)`` whose file needs exactly its
+  budget (key 0) or 1 byte more (key 1), among others. Each list needs 56
+  bytes more than it adds to the budget, each byte of a blob about 25 bytes
+  less: some sizes and numbers of lists meet the budget exactly."""
+  over = {}
+  for lists in lists_range:
+    for size in range(1000, 1056):
+      data, need = family(lists, size)
+      over.setdefault(need - budget(data), (lists, size))
+  return over
+
+
 def test_the_budget_admits_a_file_needing_exactly_it_and_refuses_one_more():
-  # 56 * lists <= 27 * len(blob) + 4032: with a 1008-byte blob, 558 lists
-  # need exactly the budget.
-  blob = bytes(1008)
-  data, need = lists_and_bytes(558, blob)
-  assert need == budget(data)
+  over = at_the_edge(lists_and_bytes, range(440, 540))
+  data = lists_and_bytes(*over[0])[0]
   states = mxnet.read_trainer_states(data).states
-  assert len(states[0]) == 559 and states[0][-1] == blob
-  data, need = lists_and_bytes(559, blob)
-  assert need == budget(data) + 56
+  assert len(states[0]) == over[0][0] + 2 and states[0][-1] == bytes(over[0][1])
   with pytest.raises(mxnet.FileError, match="budget of 32 bytes per byte of"
                      " file plus 4096"):
-    mxnet.read_trainer_states(data)
+    mxnet.read_trainer_states(lists_and_bytes(*over[1])[0])
+
+
+RECORD, PER_CHARACTER, PER_ARRAY_BYTE, PER_ARRAY_DIMENSION = 128, 10, 8, 4
+
+
+def record_array_blob_lists(lists, size):
+  """{0: (NDArray of 4 float32, FTML record {"\u00e9": 1}, bytes of ``size``,
+  [[], ..., []])}: the finishing pass rebuilds the tuple and makes a record."""
+  handle = hostile_files.array_bytes(np.zeros(4, np.float32))
+  data = (hostile_files.PROTO4 + b"}K\x00(" + ndarray_opcodes(handle)
+          + b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81}"
+          + b"\x8c\x02\xc3\xa9K\x01sb" + b"B" + struct.pack("<I", size)
+          + bytes(size) + b"](" + b"]" * lists + b"ets.")
+  def string(length):
+    return OBJECT + 4 * length + REFERENCE
+  ndarray = (string(21) + string(7) + OBJECT + REFERENCE  # the global
+             + REFERENCE + OBJECT + REFERENCE + REFERENCE  # (None,)
+             + OBJECT + REFERENCE + DICT + REFERENCE + string(6)  # R, {, handle
+             + OBJECT + len(handle) + REFERENCE + DICT_ITEM  # the bytes, s
+             + OBJECT + len(handle))  # decoded
+  record = (string(25) + string(4) + OBJECT + REFERENCE  # the global
+            + REFERENCE + OBJECT + REFERENCE + DICT + REFERENCE  # ), NEWOBJ, {
+            + string(2) + NUMBER + REFERENCE + DICT_ITEM)  # "\u00e9": 1
+  need = (DICT + REFERENCE + NUMBER + REFERENCE + REFERENCE  # {, 0, mark
+          + ndarray + record
+          + OBJECT + size + REFERENCE  # the bytes
+          + OBJECT + REFERENCE + REFERENCE + lists * (OBJECT + REFERENCE)
+          + lists * REFERENCE  # the lists, appended
+          + OBJECT + 4 * REFERENCE + REFERENCE + DICT_ITEM  # the tuple, s
+          + OBJECT + 4 * REFERENCE + RECORD  # rebuilt tuple, the record
+          # the tree: dict, key, tuple; array, record, bytes, lists
+          + REFERENCE + NUMBER + REFERENCE
+          + OBJECT + PER_ARRAY_BYTE * 16 + PER_ARRAY_DIMENSION * 4
+          + RECORD + REFERENCE + REFERENCE + PER_CHARACTER + NUMBER
+          + REFERENCE + 4 * size + REFERENCE + lists * REFERENCE)
+  return data, need
+
+
+def test_the_budget_charges_the_finishing_pass_records_arrays_and_text():
+  over = at_the_edge(record_array_blob_lists, range(560, 640))
+  array, record, blob, lists = mxnet.read_trainer_states(
+      record_array_blob_lists(*over[0])[0]).states[0]
+  assert array.shape == (4,) and record.attributes == {"\u00e9": 1}
+  assert len(lists) == over[0][0] and blob == bytes(over[0][1])
+  with pytest.raises(mxnet.FileError, match="budget"):
+    mxnet.read_trainer_states(record_array_blob_lists(*over[1])[0])
 
 
 def test_shared_references_are_charged_at_every_occurrence():
@@ -292,16 +348,6 @@ def test_an_array_shared_many_times_is_charged_at_every_occurrence():
   assert first is second and first.shape == (32,)
   with pytest.raises(mxnet.FileError, match="budget"):
     mxnet.read_trainer_states(shared(60))
-
-
-def test_the_budget_covers_the_tuples_and_records_the_finishing_pass_makes():
-  # Tuples holding NDArrays are rebuilt around the arrays, and records made,
-  # after the stack machine ran: both are charged.
-  handle = hostile_files.array_bytes(np.zeros(1, np.float32))
-  array_in_tuple = ndarray_opcodes(handle) + b"\x85"
-  data = hostile_files.PROTO4 + b"}K\x00" + array_in_tuple + b"s."
-  (array,) = mxnet.read_trainer_states(data).states[0]
-  assert array.shape == (1,)
 
 
 @pytest.mark.parametrize("name, argument", [
@@ -345,8 +391,9 @@ def test_declared_lengths_are_checked_against_the_bytes_left(opcode,
     return (hostile_files.PROTO4 + b"}K\x00" + opcode
             + struct.pack(length_format, declared) + b"abcs.")
   assert mxnet.read_trainer_states(states(3)).states[0] in ("abc", b"abc")
-  with pytest.raises(mxnet.FileError, match="corrupted"):
-    mxnet.read_trainer_states(states(4))  # "abcs" then no STOP: truncated
+  # Declaring every byte left reads them, and then finds no opcode.
+  with pytest.raises(mxnet.FileError, match="an opcode needs 1 bytes"):
+    mxnet.read_trainer_states(states(5))
   with pytest.raises(mxnet.FileError, match="declares 6 bytes at offset"):
     mxnet.read_trainer_states(states(6))
 
@@ -637,3 +684,56 @@ def test_a_zip64_end_record_is_read_and_checked():
   assert list(mxnet.read_params(archive(at))) == ["a"]
   with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
     mxnet.read_params(archive(at + 1))
+
+
+@pytest.mark.parametrize("opcodes, message", [
+    (b"s", "stack underflow"), (b"}(s", "stack underflow"),
+    (b"}K\x00u", "no mark on the stack"),
+    (b"}(K\x00u", "SETITEMS needs a dict and pairs"),
+    (b"K\x00(K\x00e", "APPENDS needs a list"), (b"\x94", "nothing to memoise"),
+    (b"h\x00", "memo index 0 never set"), (b"}}", "does not end with one"),
+    (b"}(", "does not end with one"), (b"K\x00)R", "REDUCE of a int"),
+    (b"\x8c\x08builtins\x8c\tbytearray\x93\x85", "bare reference to builtins"),
+    (b"\x8c\x07_codecs\x8c\x06encode\x93\x8c\x02\xc4\x81\x8c\x06latin1\x86R",
+     "bytes beyond latin-1"),
+    (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81]b",
+     "has state list, expected a dict"),
+    (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81",
+     "FTML without its state"),
+])
+def test_the_stack_machine_refuses_what_does_not_fit(opcodes, message):
+  with pytest.raises(mxnet.FileError, match=message):
+    _pickle.load_mxnet_pickle(hostile_files.PROTO4 + opcodes + b".",
+                              lambda handle: None)
+
+
+def test_objects_nest_at_most_32_levels():
+  def nested(levels):  # a dict holding tuples: levels containers in all
+    return hostile_files.PROTO4 + b"}K\x00)" + b"\x85" * (levels - 2) + b"s."
+  value = mxnet.read_trainer_states(nested(32)).states[0]
+  for _ in range(30):
+    (value,) = value
+  assert value == ()
+  with pytest.raises(mxnet.FileError, match="nested deeper than 32"):
+    mxnet.read_trainer_states(nested(33))
+
+
+def test_zip_directory_entries_must_parse_exactly():
+  record = hostile_files.local_header(b"a.npy", NPY) + NPY
+  def archive(**entry):
+    return hostile_files.zip_archive(
+        record, [hostile_files.central_entry(b"a.npy", NPY, 0, **entry)])
+  with pytest.raises(mxnet.FileError, match="an extra field runs past"):
+    mxnet.read_params(archive(extra=struct.pack("<HH", 9, 4) + b"ab"))
+  assert list(mxnet.read_params(archive(extra=struct.pack("<HH", 9, 2)
+                                        + b"ab"))) == ["a"]
+  with pytest.raises(mxnet.FileError, match="declares 139 bytes stored for 140"):
+    mxnet.read_params(archive(sizes=(len(NPY) - 1, len(NPY))))
+  entry = hostile_files.central_entry(b"a.npy", NPY, 0)
+  with pytest.raises(mxnet.FileError, match="holds more than its entries"):
+    mxnet.read_params(hostile_files.zip_archive(record, [entry, b"\0"])[:-22]
+                      + hostile_files.end_record(1, len(entry) + 1,
+                                                 len(record)))
+  bad_name = hostile_files.central_entry(b"\xff.npy", NPY, 0, flags=0x0800)
+  with pytest.raises(mxnet.FileError, match=r"name b'\\xff\.npy' is not UTF-8"):
+    mxnet.read_params(hostile_files.zip_archive(record, [bad_name]))
