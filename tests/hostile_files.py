@@ -273,6 +273,12 @@ CASES = {
                             + b"]" * 300_000 + b"es.", BUDGET),
     "258,240 memoised empty lists": ("states", lambda: PROTO4 + b"}K\x00]("
                                      + b"]\x94" * 258_240 + b"es.", BUDGET),
+    "100,000 strings of two characters": (
+        "states", lambda: PROTO4 + b"}K\x00](" + b"\x8c\x02ab" * 100_000
+        + b"es.", None),
+    "100,000 lists of one integer": (
+        "states", lambda: PROTO4 + b"}K\x00](" + b"]J\x00\x00\x00\x40a" * 100_000
+        + b"es.", None),
     "300,000 empty dicts": ("states", lambda: PROTO4 + b"}K\x00]("
                             + b"}" * 300_000 + b"es.", BUDGET),
     "a 100 kB string 1,000 times": ("states", lambda: PROTO4 + b"}K\x00]("
