@@ -3,9 +3,11 @@
 test for each check of the readers."""
 
 import json
+import os
 import pathlib
 import pickle
 import pickletools
+import stat
 import struct
 import subprocess
 import sys
@@ -737,3 +739,61 @@ def test_zip_directory_entries_must_parse_exactly():
   bad_name = hostile_files.central_entry(b"\xff.npy", NPY, 0, flags=0x0800)
   with pytest.raises(mxnet.FileError, match=r"name b'\\xff\.npy' is not UTF-8"):
     mxnet.read_params(hostile_files.zip_archive(record, [bad_name]))
+
+
+def test_zip_directory_and_headers_must_lie_where_they_say():
+  record = hostile_files.local_header(b"a.npy", NPY) + NPY
+  entry = hostile_files.central_entry(b"a.npy", NPY, 0)
+  # Room for two entries by count, but the second would end past the end.
+  short = entry + bytes(hostile_files.central_entry(b"", b"", 0).__len__() - 1)
+  with pytest.raises(mxnet.FileError, match="ends inside an entry"):
+    mxnet.read_params(record + short + hostile_files.end_record(
+        2, len(short), len(record)))
+  with pytest.raises(mxnet.FileError,
+                     match=f"entry at offset {len(record)} is malformed"):
+    mxnet.read_params(hostile_files.zip_archive(
+        record, [b"PK\x01\x03" + entry[4:]]))
+  with pytest.raises(mxnet.FileError, match="starts on disk 1"):
+    mxnet.read_params(hostile_files.zip_archive(
+        record, [entry[:34] + b"\x01\x00" + entry[36:]]))
+  records, entries = zip_parts([(b"a.npy", NPY), (b"b.npy", NPY)])
+  with pytest.raises(mxnet.FileError, match=f"offset {len(record)} disagrees"):
+    mxnet.read_params(hostile_files.zip_archive(
+        records[0] + b"PK\x03\x05" + records[1][4:], entries))
+  # A local header whose name runs past the members.
+  long_name = record[:26] + struct.pack("<H", 500) + record[28:]
+  with pytest.raises(mxnet.FileError, match="offset 0 disagrees"):
+    mxnet.read_params(hostile_files.zip_archive(long_name, [entry]))
+  with pytest.raises(mxnet.FileError, match="zip64 end record is missing"):
+    mxnet.read_params(hostile_files.end_record(0xFFFF, 0, 0))
+
+
+def test_zip64_data_descriptors_have_8_byte_sizes():
+  crc, wide = zlib.crc32(NPY), (0xFFFFFFFF, 0xFFFFFFFF)
+  def archive(descriptor):
+    record = hostile_files.local_header(
+        b"a.npy", NPY, flags=0x08, crc=0, sizes=wide,
+        extra=zip64_extra(0, 0)) + NPY + descriptor
+    entry = hostile_files.central_entry(b"a.npy", NPY, 0, flags=0x08)
+    return hostile_files.zip_archive(record, [entry])
+  wide_sizes = struct.pack("<IQQ", crc, len(NPY), len(NPY))
+  assert list(mxnet.read_params(archive(b"PK\x07\x08" + wide_sizes))) == ["a"]
+  narrow = struct.pack("<III", crc, len(NPY), len(NPY))
+  with pytest.raises(mxnet.FileError, match="data descriptor disagrees"):
+    mxnet.read_params(archive(b"PK\x07\x08" + narrow))
+
+
+@pytest.mark.parametrize("size_change", [-1, 1])
+def test_a_file_whose_size_is_not_what_fstat_says_is_refused(
+    tmp_path, monkeypatch, size_change):
+  path = tmp_path / "model.params"
+  path.write_bytes(named_params(["a"]))
+  real_fstat = os.fstat
+  def fstat(fd):
+    info = list(real_fstat(fd))
+    info[stat.ST_SIZE] += size_change
+    return os.stat_result(info)
+  monkeypatch.setattr(os, "fstat", fstat)
+  size = len(named_params(["a"])) + size_change
+  with pytest.raises(mxnet.FileError, match=f"its size is not the {size} bytes"):
+    mxnet.read_params(path)

@@ -366,8 +366,10 @@ def _central_directory(data: bytes, error: Any) -> tuple[list[_Member], int]:
       raise error(f"{what} is compressed; MXNet writes uncompressed members")
     if flags & ~(_DESCRIPTOR | _UTF8):
       raise error(f"{what} has unsupported flags 0x{flags:04X}")
-    if packed != size or disk:
+    if packed != size:
       raise error(f"{what} declares {packed} bytes stored for {size} bytes")
+    if disk:
+      raise error(f"{what} starts on disk {disk} of a multi-disk archive")
     members.append(_Member(name, raw_name, flags, crc, size, offset))
   if position != cd_end:
     raise error("the central directory holds more than its entries")
