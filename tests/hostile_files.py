@@ -13,7 +13,8 @@ outcome is neither a read nor an optax_ftml.mxnet.FileError.
   python tests/hostile_files.py paths
 
 reads paths that are not regular files (a FIFO, a directory, a device, a
-symbolic link to a FIFO, a file of /proc) the same way.
+symbolic link to a FIFO, a file of /proc, a FIFO that was a regular file when
+stat was asked: opened without blocking) the same way.
 """
 
 import argparse
@@ -417,10 +418,18 @@ def run_paths():
              "a symbolic link to a FIFO": root / "link to fifo",
              "a file of /proc": pathlib.Path("/proc/self/status"),
              "a symbolic link to a parameter file": root / "link to model"}
-    for name, path in paths.items():
+    def regular(path, *args, **kwargs):  # as if a file became a FIFO
+      return real_stat(EXAMPLE / "model.params")
+    real_stat = os.stat
+    for name, path in [*paths.items(), ("a FIFO once stat was asked",
+                                        root / "fifo")]:
       for reader in READERS:
         start = time.perf_counter()
-        outcome, message = read_once(reader, path)
+        os.stat = regular if name == "a FIFO once stat was asked" else real_stat
+        try:
+          outcome, message = read_once(reader, path)
+        finally:
+          os.stat = real_stat
         results.append({"name": name, "reader": reader, "outcome": outcome,
                         "message": message,
                         "seconds": round(time.perf_counter() - start, 4)})
