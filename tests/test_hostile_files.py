@@ -798,3 +798,12 @@ def test_a_file_whose_size_is_not_what_fstat_says_is_refused(
   size = len(named_params(["a"])) + size_change
   with pytest.raises(mxnet.FileError, match=f"its size is not the {size} bytes"):
     mxnet.read_params(path)
+
+
+def test_messages_show_at_most_8_dims():
+  with pytest.raises(mxnet.FileError,
+                     match=r"dims \(1, 1, 1, 1, 1, 1, 1, -1\), a negative"):
+    mxnet.read_params(hostile_files.params_file((1,) * 7 + (-1,)))
+  with pytest.raises(mxnet.FileError, match=r"dims \(1, 1, 1, 1, 1, 1, 1, 1,"
+                     r" \.\.\.: 9 dims\), a negative"):
+    mxnet.read_params(hostile_files.params_file((1,) * 8 + (-1,)))
