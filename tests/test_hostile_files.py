@@ -442,12 +442,18 @@ def test_only_protocols_2_to_4_are_read(protocol):
   assert mxnet.read_trainer_states(pickle.dumps({0: 1}, 2)).states == {0: 1}
 
 
-def test_warnings_while_reading_are_file_errors():
+def test_warnings_raised_as_errors_while_reading_are_file_errors():
+  """Under -W error (as the tests run), a warning is raised: it becomes a
+  FileError. The warning filters are the same during the read as outside
+  it (changing them would change them for every thread)."""
+  filters = []
   def warns(handle):
+    filters.append(list(warnings.filters))
     warnings.warn("a library complains", DeprecationWarning, stacklevel=1)
   data = pickled_ndarray(hostile_files.array_bytes(np.zeros(1, np.float32)))
   with pytest.raises(mxnet.FileError, match="DeprecationWarning 'a library"):
     _pickle.load_mxnet_pickle(data, warns)
+  assert filters == [list(warnings.filters)]
 
 
 def test_quoted_escapes_and_shortens():

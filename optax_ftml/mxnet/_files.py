@@ -617,8 +617,9 @@ def read_trainer_states(
   other global, any opcode MXNet never writes (extensions, persistent ids,
   sets, protocol 0's text opcodes: refused before their arguments are
   decoded), any key but an integer or a string and nesting deeper than 32 are
-  refused. Nothing in the file is called, and no warning escapes (one raised
-  while reading is a ``FileError``).
+  refused. Nothing in the file is called, nothing the reader runs on it warns,
+  and a warning raised as an error (``python -W error``) while reading would
+  be a ``FileError``.
 
   A file of ``n`` bytes has a budget of ``32 * n + 4096`` bytes, charged
   before each object is made: every object the reader creates or keeps (an
