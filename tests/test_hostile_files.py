@@ -558,6 +558,12 @@ def test_zip_members_must_not_overlap():
     mxnet.read_params(hostile_files.nested_member_npz())
 
 
+def test_zip_member_names_are_unique():
+  records, entries = zip_parts([(b"a.npy", NPY), (b"a.npy", NPY)])
+  with pytest.raises(mxnet.FileError, match="duplicate names"):
+    mxnet.read_params(hostile_files.zip_archive(b"".join(records), entries))
+
+
 def test_zip_members_must_follow_each_other_without_gaps():
   records, entries = zip_parts([(b"a.npy", NPY), (b"b.npy", NPY)])
   gap = hostile_files.central_entry(b"b.npy", NPY, len(records[0]) + 1)
@@ -675,6 +681,9 @@ def test_the_central_directory_must_fill_the_space_the_end_record_gives():
   with pytest.raises(mxnet.FileError, match="no archive comment"):
     mxnet.read_params(hostile_files.zip_archive(records[0], entries,
                                                 comment=b"x"))
+  # An end record declaring a comment the file does not hold.
+  with pytest.raises(mxnet.FileError, match="no archive comment"):
+    mxnet.read_params(good[:-2] + b"\x01\x00")
   with pytest.raises(mxnet.FileError, match="multi-disk"):
     mxnet.read_params(good[:end + 8] + b"\x00\x00" + good[end + 10:])
 
@@ -682,17 +691,19 @@ def test_the_central_directory_must_fill_the_space_the_end_record_gives():
 def test_a_zip64_end_record_is_read_and_checked():
   records, entries = zip_parts([(b"a.npy", NPY)])
   directory = b"".join(entries)
-  record64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1,
-                         len(directory), len(records[0]))
-  def archive(record_at):
-    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at, 1)
+  def archive(record_at, record_size=44, disks=1):
+    record64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", record_size, 45, 45,
+                           0, 0, 1, 1, len(directory), len(records[0]))
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at, disks)
     end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF,
                       0xFFFFFFFF, 0xFFFFFFFF, 0)
     return records[0] + directory + record64 + locator + end
   at = len(records[0]) + len(directory)
   assert list(mxnet.read_params(archive(at))) == ["a"]
-  with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
-    mxnet.read_params(archive(at + 1))
+  for damaged in (archive(at + 1), archive(at, record_size=45),
+                  archive(at, disks=2)):
+    with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
+      mxnet.read_params(damaged)
 
 
 @pytest.mark.parametrize("opcodes, message", [
