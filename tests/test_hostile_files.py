@@ -434,10 +434,12 @@ def test_strings_must_be_utf8():
     mxnet.read_trainer_states(hostile_files.global_named("\udc80", "FTML"))
 
 
-@pytest.mark.parametrize("protocol", [1, 5])
-def test_only_protocols_2_to_4_are_read(protocol):
+@pytest.mark.parametrize("protocol, found", [
+    (0, "got MARK"), (1, "got EMPTY_DICT"), (5, "got PROTO 5")])
+def test_only_protocols_2_to_4_are_read(protocol, found):
   data = pickle.dumps({0: 1}, protocol)
-  with pytest.raises(mxnet.FileError, match="protocol 2 to 4"):
+  with pytest.raises(mxnet.FileError, match=f"protocol 2 to 4 .Python 3.,"
+                     f" {found}"):
     mxnet.read_trainer_states(data)
   assert mxnet.read_trainer_states(pickle.dumps({0: 1}, 2)).states == {0: 1}
 
@@ -708,6 +710,8 @@ def test_a_zip64_end_record_is_read_and_checked():
 
 @pytest.mark.parametrize("opcodes, message", [
     (b"s", "stack underflow"), (b"}(s", "stack underflow"),
+    (b"}K\x00(K\x01s", "stack underflow"),  # the key lies below the mark
+    (b"]\x94h\x00a", "contains itself"),
     (b"}K\x00u", "no mark on the stack"),
     (b"}(K\x00u", "SETITEMS needs a dict and pairs"),
     (b"K\x00(K\x00e", "APPENDS needs a list"), (b"\x94", "nothing to memoise"),
@@ -718,6 +722,8 @@ def test_a_zip64_end_record_is_read_and_checked():
      "bytes beyond latin-1"),
     (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81]b",
      "has state list, expected a dict"),
+    (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81}K\x00K\x00sb",
+     "has state dict, expected a dict of attributes"),
     (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81",
      "FTML without its state"),
 ])
