@@ -434,20 +434,28 @@ def test_strings_must_be_utf8():
     mxnet.read_trainer_states(hostile_files.global_named("\udc80", "FTML"))
 
 
-@pytest.mark.parametrize("protocol", [1, 5])
-def test_only_protocols_2_to_4_are_read(protocol):
+@pytest.mark.parametrize("protocol, found", [
+    (0, "got MARK"), (1, "got EMPTY_DICT"), (5, "got PROTO 5")])
+def test_only_protocols_2_to_4_are_read(protocol, found):
   data = pickle.dumps({0: 1}, protocol)
-  with pytest.raises(mxnet.FileError, match="protocol 2 to 4"):
+  with pytest.raises(mxnet.FileError, match=f"protocol 2 to 4 .Python 3.,"
+                     f" {found}"):
     mxnet.read_trainer_states(data)
   assert mxnet.read_trainer_states(pickle.dumps({0: 1}, 2)).states == {0: 1}
 
 
-def test_warnings_while_reading_are_file_errors():
+def test_warnings_raised_as_errors_while_reading_are_file_errors():
+  """Under -W error (as the tests run), a warning is raised: it becomes a
+  FileError. The warning filters are the same during the read as outside
+  it (changing them would change them for every thread)."""
+  filters = []
   def warns(handle):
+    filters.append(list(warnings.filters))
     warnings.warn("a library complains", DeprecationWarning, stacklevel=1)
   data = pickled_ndarray(hostile_files.array_bytes(np.zeros(1, np.float32)))
   with pytest.raises(mxnet.FileError, match="DeprecationWarning 'a library"):
     _pickle.load_mxnet_pickle(data, warns)
+  assert filters == [list(warnings.filters)]
 
 
 def test_quoted_escapes_and_shortens():
@@ -550,6 +558,12 @@ def test_zip_members_must_not_overlap():
     mxnet.read_params(hostile_files.zip_archive(body, [entries[0], again]))
   with pytest.raises(mxnet.FileError, match="overlaps the one before"):
     mxnet.read_params(hostile_files.nested_member_npz())
+
+
+def test_zip_member_names_are_unique():
+  records, entries = zip_parts([(b"a.npy", NPY), (b"a.npy", NPY)])
+  with pytest.raises(mxnet.FileError, match="duplicate names"):
+    mxnet.read_params(hostile_files.zip_archive(b"".join(records), entries))
 
 
 def test_zip_members_must_follow_each_other_without_gaps():
@@ -669,6 +683,9 @@ def test_the_central_directory_must_fill_the_space_the_end_record_gives():
   with pytest.raises(mxnet.FileError, match="no archive comment"):
     mxnet.read_params(hostile_files.zip_archive(records[0], entries,
                                                 comment=b"x"))
+  # An end record declaring a comment the file does not hold.
+  with pytest.raises(mxnet.FileError, match="no archive comment"):
+    mxnet.read_params(good[:-2] + b"\x01\x00")
   with pytest.raises(mxnet.FileError, match="multi-disk"):
     mxnet.read_params(good[:end + 8] + b"\x00\x00" + good[end + 10:])
 
@@ -676,21 +693,25 @@ def test_the_central_directory_must_fill_the_space_the_end_record_gives():
 def test_a_zip64_end_record_is_read_and_checked():
   records, entries = zip_parts([(b"a.npy", NPY)])
   directory = b"".join(entries)
-  record64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1,
-                         len(directory), len(records[0]))
-  def archive(record_at):
-    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at, 1)
+  def archive(record_at, record_size=44, disks=1):
+    record64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", record_size, 45, 45,
+                           0, 0, 1, 1, len(directory), len(records[0]))
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at, disks)
     end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF,
                       0xFFFFFFFF, 0xFFFFFFFF, 0)
     return records[0] + directory + record64 + locator + end
   at = len(records[0]) + len(directory)
   assert list(mxnet.read_params(archive(at))) == ["a"]
-  with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
-    mxnet.read_params(archive(at + 1))
+  for damaged in (archive(at + 1), archive(at, record_size=45),
+                  archive(at, disks=2)):
+    with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
+      mxnet.read_params(damaged)
 
 
 @pytest.mark.parametrize("opcodes, message", [
     (b"s", "stack underflow"), (b"}(s", "stack underflow"),
+    (b"}K\x00(K\x01s", "stack underflow"),  # the key lies below the mark
+    (b"]\x94h\x00a", "contains itself"),
     (b"}K\x00u", "no mark on the stack"),
     (b"}(K\x00u", "SETITEMS needs a dict and pairs"),
     (b"K\x00(K\x00e", "APPENDS needs a list"), (b"\x94", "nothing to memoise"),
@@ -701,6 +722,8 @@ def test_a_zip64_end_record_is_read_and_checked():
      "bytes beyond latin-1"),
     (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81]b",
      "has state list, expected a dict"),
+    (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81}K\x00K\x00sb",
+     "has state dict, expected a dict of attributes"),
     (b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93)\x81",
      "FTML without its state"),
 ])
@@ -798,3 +821,12 @@ def test_a_file_whose_size_is_not_what_fstat_says_is_refused(
   size = len(named_params(["a"])) + size_change
   with pytest.raises(mxnet.FileError, match=f"its size is not the {size} bytes"):
     mxnet.read_params(path)
+
+
+def test_messages_show_at_most_8_dims():
+  with pytest.raises(mxnet.FileError,
+                     match=r"dims \(1, 1, 1, 1, 1, 1, 1, -1\), a negative"):
+    mxnet.read_params(hostile_files.params_file((1,) * 7 + (-1,)))
+  with pytest.raises(mxnet.FileError, match=r"dims \(1, 1, 1, 1, 1, 1, 1, 1,"
+                     r" \.\.\.: 9 dims\), a negative"):
+    mxnet.read_params(hostile_files.params_file((1,) * 8 + (-1,)))

@@ -57,6 +57,7 @@ _ARRAY_MAGIC_V1 = 0xF993FAC8
 _DEFAULT_STORAGE = 0
 # NumPy's limit; MXNet's own is lower.
 _MAX_NDIM = 64
+_QUOTED_DIMS = 8  # how many dims a message shows
 _MAX_ELEMENTS = 2**63 // 16  # any dtype's bytes fit NumPy's int64 sizes
 _STORAGE_NAMES = {1: "row_sparse", 2: "csr"}
 # mshadow's type flags (include/mshadow/base.h).
@@ -108,8 +109,17 @@ def _read_shape(reader: _Bytes, what: str) -> tuple[int, ...] | None:
   dims = (dims,) if isinstance(dims, int) else tuple(dims)
   problem = _shape_problem(dims)
   if problem:
-    raise reader.error(f"corrupted: {what} has dims {dims}, {problem}.")
+    raise reader.error(
+        f"corrupted: {what} has dims {_shape_text(dims)}, {problem}.")
   return dims
+
+
+def _shape_text(dims: tuple[int, ...]) -> str:
+  """``dims`` for a message: at most the first 8 of up to 64 dims."""
+  if len(dims) <= _QUOTED_DIMS:
+    return str(dims)
+  shown = ", ".join(str(d) for d in dims[:_QUOTED_DIMS])
+  return f"({shown}, ...: {len(dims)} dims)"
 
 
 def _shape_problem(dims: tuple[int, ...]) -> str | None:
@@ -155,7 +165,7 @@ def _read_array(reader: _Bytes, index: int) -> np.ndarray:
   dtype = _DTYPES[type_flag]
   # Python integers: a product of int64 dims must not wrap around.
   size = math.prod(shape) * dtype.itemsize
-  data = reader.take(size, f"{what} data ({shape}, {dtype})")
+  data = reader.take(size, f"{what} data ({_shape_text(shape)}, {dtype})")
   return np.frombuffer(data, dtype).reshape(shape).copy()
 
 
@@ -252,12 +262,13 @@ def _read_npy(member: memoryview, what: str, source: str) -> np.ndarray:
   problem = _shape_problem(shape)
   if problem:
     raise FileError(
-        f"{source}: corrupted: {what} has shape {shape}, {problem}.")
+        f"{source}: corrupted: {what} has shape {_shape_text(shape)},"
+        f" {problem}.")
   raw = member[stream.tell():]
   if len(raw) != math.prod(shape) * dtype.itemsize:
     raise FileError(
         f"{source}: corrupted: {what} has {len(raw)} bytes of data for shape"
-        f" {shape} ({dtype}).")
+        f" {_shape_text(shape)} ({dtype}).")
   return np.frombuffer(raw, dtype).reshape(
       shape, order="F" if fortran_order else "C").copy()
 
@@ -606,8 +617,9 @@ def read_trainer_states(
   other global, any opcode MXNet never writes (extensions, persistent ids,
   sets, protocol 0's text opcodes: refused before their arguments are
   decoded), any key but an integer or a string and nesting deeper than 32 are
-  refused. Nothing in the file is called, and no warning escapes (one raised
-  while reading is a ``FileError``).
+  refused. Nothing in the file is called, nothing the reader runs on it warns,
+  and a warning raised as an error (``python -W error``) while reading would
+  be a ``FileError``.
 
   A file of ``n`` bytes has a budget of ``32 * n + 4096`` bytes, charged
   before each object is made: every object the reader creates or keeps (an

@@ -50,7 +50,6 @@ from __future__ import annotations
 import pickle
 import pickletools
 import struct
-import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -594,16 +593,19 @@ def load_mxnet_pickle(data: bytes, decode_array: Callable[[bytes], Any]) -> Any:
 
   Raises:
     FileError: for anything but a pickle of what MXNet writes, or one that
-      needs more than its budget; also for any warning raised while reading.
+      needs more than its budget; also for a warning raised as an error
+      while reading.
   """
   budget = Budget(len(data))
+  # Nothing here decodes the file with code that warns; should a warning be
+  # raised as an error all the same (python -W error), it is a FileError.
+  # The warning filters are left alone: changing them, even for the length
+  # of a read, would change them for every thread.
   try:
-    with warnings.catch_warnings():
-      warnings.simplefilter("error")
-      machine = _Machine(data, budget, decode_array)
-      finisher = _Finisher(budget, machine.shared)
-      result, cost = finisher.finish(machine.run())
-      budget.charge(cost)
+    machine = _Machine(data, budget, decode_array)
+    finisher = _Finisher(budget, machine.shared)
+    result, cost = finisher.finish(machine.run())
+    budget.charge(cost)
   except Warning as e:
     raise FileError(
         f"refused: reading it raised {type(e).__name__}"
