@@ -9,7 +9,8 @@ engines, and the guide's program in JAX's shell loop too. Cross-process
 collectives may sum in another order than one process's, so training is
 compared to float32 rounding; FTML's update alone has no reduction and is
 compared bitwise, and so is a resumed run with the run it continues (same
-processes, same reductions).
+processes, same reductions). SIGTERM or SIGINT to tests/engines.py, which
+starts the processes here, leaves none of them behind.
 
 In CI (``CI=true``) a missing engine fails these tests; elsewhere they are
 skipped with the reason (tests/engines.py). ``.ci/engines start`` starts
