@@ -75,8 +75,9 @@ def command(engine: str, processes: int, cpu_devices: int,
                  "JAX_PLATFORMS": "cpu"}
   if engine == "mpirun":
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    exported = [a for name in ("JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS",
-                               "PYTHONPATH") for a in ("-x", name)]
+    # As the guide writes it (on one machine, the processes inherit mpirun's
+    # whole environment anyway).
+    exported = [a for name in environment for a in ("-x", name)]
     return (["mpirun", "-n", str(processes), *root, *MPIRUN_LOCAL, *exported,
              *program], environment)
   if engine == "srun":
