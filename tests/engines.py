@@ -75,8 +75,9 @@ def command(engine: str, processes: int, cpu_devices: int,
                  "JAX_PLATFORMS": "cpu"}
   if engine == "mpirun":
     root = ["--allow-run-as-root"] if os.geteuid() == 0 else []
-    exported = [a for name in ("JAX_NUM_CPU_DEVICES", "JAX_PLATFORMS",
-                               "PYTHONPATH") for a in ("-x", name)]
+    # As the guide writes it (on one machine, the processes inherit mpirun's
+    # whole environment anyway).
+    exported = [a for name in environment for a in ("-x", name)]
     return (["mpirun", "-n", str(processes), *root, *MPIRUN_LOCAL, *exported,
              *program], environment)
   if engine == "srun":
@@ -88,23 +89,26 @@ def command(engine: str, processes: int, cpu_devices: int,
 
 
 class Stopped(Exception):
-  """This process received SIGTERM while a command ran."""
+  """This process received SIGTERM or SIGINT while a command ran."""
 
 
 @contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-  """SIGTERM raises Stopped (SIGINT raises KeyboardInterrupt already)."""
+def _signals_raise() -> Iterator[None]:
+  """SIGTERM and SIGINT raise Stopped, even where SIGINT was ignored (as in
+  a shell's background job)."""
   def handler(signum, frame):
     raise Stopped(signal.Signals(signum).name)
   try:
-    previous = signal.signal(signal.SIGTERM, handler)
+    previous = {number: signal.signal(number, handler)
+                for number in (signal.SIGTERM, signal.SIGINT)}
   except ValueError:  # not the main thread: leave signals alone
     yield
     return
   try:
     yield
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    for number, action in previous.items():
+      signal.signal(number, action)
 
 
 def stop(process: subprocess.Popen, arguments: Sequence[str]) -> None:
@@ -137,7 +141,7 @@ def run(arguments: Sequence[str], *, timeout: float,
   """Runs ``arguments``; returns its exit status (None: stopped at
   ``timeout`` seconds) and its output, stdout and stderr together."""
   env = dict(os.environ, PYTHONUNBUFFERED="1", **(environment or {}))
-  with tempfile.TemporaryFile("w+") as output, _terminate_raises():
+  with tempfile.TemporaryFile("w+") as output, _signals_raise():
     process = subprocess.Popen(
         list(arguments), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
         stdout=output, stderr=subprocess.STDOUT, start_new_session=True)
@@ -165,7 +169,7 @@ def main(argv: Sequence[str]) -> int:
     status, output = run(arguments, timeout=600, environment=environment)
   except Stopped as stopped:
     print(f"engines: stopped by {stopped}", flush=True)
-    return 128 + signal.SIGTERM
+    return 128 + signal.Signals[str(stopped)]
   print(output, end="")
   return 124 if status is None else status
 

@@ -9,7 +9,8 @@ engines, and the guide's program in JAX's shell loop too. Cross-process
 collectives may sum in another order than one process's, so training is
 compared to float32 rounding; FTML's update alone has no reduction and is
 compared bitwise, and so is a resumed run with the run it continues (same
-processes, same reductions).
+processes, same reductions). SIGTERM or SIGINT to tests/engines.py, which
+starts the processes here, leaves none of them behind.
 
 In CI (``CI=true``) a missing engine fails these tests; elsewhere they are
 skipped with the reason (tests/engines.py). ``.ci/engines start`` starts
@@ -324,10 +325,12 @@ def test_the_scale_out_notebook_runs_as_it_says_on_two_processes(
   assert not re.search(r"\w+Warning: ", output), output[-5000:]
 
 
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT],
+                         ids=["SIGTERM", "SIGINT"])
 @pytest.mark.parametrize("how", ["mpirun", "srun", "loop"])
-def test_sigterm_leaves_no_process_behind(how, tmp_path):
-  """SIGTERM to tests/engines.py, while it runs processes that ignore
-  SIGTERM, stops every one of them."""
+def test_a_signal_leaves_no_process_behind(how, stop_signal, tmp_path):
+  """SIGTERM or SIGINT to tests/engines.py, while it runs processes that
+  ignore SIGTERM, stops every one of them."""
   if how != "loop":
     engines.require(how)
   pids = tmp_path / "pids"
@@ -348,10 +351,10 @@ def test_sigterm_leaves_no_process_behind(how, tmp_path):
     assert time.monotonic() < deadline, "the processes did not start"
     time.sleep(0.1)
   started = [int(path.name) for path in pids.iterdir()]
-  helper.send_signal(signal.SIGTERM)
+  helper.send_signal(stop_signal)
   output = helper.communicate(timeout=engines.STOP_GRACE + 45)[0]
-  assert helper.returncode == 128 + signal.SIGTERM, output
-  assert "stopped by SIGTERM" in output, output
+  assert helper.returncode == 128 + stop_signal, output
+  assert f"stopped by {stop_signal.name}" in output, output
 
   def alive(pid):
     stat = pathlib.Path(f"/proc/{pid}/stat")
