@@ -64,7 +64,8 @@ def test_tests_import_the_installed_wheel():
   distribution = importlib.metadata.distribution("optax_ftml")
   assert distribution.version == optax_ftml.__version__
   files = {file.as_posix() for file in distribution.files}
-  for name in ("_ftml.py", "_optimizer.py", "demo.py", "py.typed", "__init__.py"):
+  for name in ("_ftml.py", "mxnet/_optimizer.py", "mxnet/example/model.params",
+               "demo.py", "py.typed", "__init__.py"):
     assert f"optax_ftml/{name}" in files
   assert any(file.endswith("licenses/LICENSE") for file in files)
   assert distribution.metadata["License-Expression"] == "Apache-2.0"
