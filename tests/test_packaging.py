@@ -9,6 +9,8 @@ import importlib.metadata
 import os
 import pathlib
 import re
+import shutil
+import subprocess
 import tomllib
 
 import pytest
@@ -62,7 +64,8 @@ def test_tests_import_the_installed_wheel():
   distribution = importlib.metadata.distribution("optax_ftml")
   assert distribution.version == optax_ftml.__version__
   files = {file.as_posix() for file in distribution.files}
-  for name in ("_ftml.py", "_optimizer.py", "demo.py", "py.typed", "__init__.py"):
+  for name in ("_ftml.py", "mxnet/_optimizer.py", "mxnet/example/model.params",
+               "demo.py", "py.typed", "__init__.py"):
     assert f"optax_ftml/{name}" in files
   assert any(file.endswith("licenses/LICENSE") for file in files)
   assert distribution.metadata["License-Expression"] == "Apache-2.0"
@@ -124,3 +127,37 @@ def test_the_workflow_runs_every_environment_of_ci_run():
   assert jobs == [("3.11", ".ci/test"), ("3.11", ".ci/floors"),
                   (newest, ".ci/newest")]
   assert "run: bash ${{ matrix.script }}" in workflow
+
+
+def python_for(version, tmp_path, path):
+  """What .ci/python's python_for prints for ``version``, with only ``path``
+  (and a fake pyenv in ``tmp_path``) to search."""
+  return subprocess.run(
+      ["bash", "-c", f'source "{ROOT}/.ci/python" && python_for {version}'],
+      capture_output=True, text=True, check=False,
+      env={"PATH": path, "HOME": str(tmp_path / "home"),
+           "PYENV_ROOT": str(tmp_path / "pyenv")})
+
+
+def test_ci_finds_pyenv_pythons_and_says_what_to_install(tmp_path):
+  # pyenv's builds of a version, newest first; none on PATH, no apt-get.
+  bash = pathlib.Path(shutil.which("bash") or "/bin/bash")
+  tools = tmp_path / "bin"
+  tools.mkdir()
+  for tool in ("bash", "ls", "sort", "id", "grep", "head"):
+    found = shutil.which(tool)
+    assert found, tool
+    (tools / tool).symlink_to(found)
+  for patch in ("3.99.1", "3.99.10", "3.98.0"):
+    python = tmp_path / "pyenv" / "versions" / patch / "bin" / "python3.99"
+    python.parent.mkdir(parents=True)
+    python.write_text(f"#!{bash}\nexit 0\n")
+    python.chmod(0o755)
+  found = python_for("3.99", tmp_path, str(tools))
+  assert found.returncode == 0, found.stderr
+  assert found.stdout.strip() == str(
+      tmp_path / "pyenv" / "versions" / "3.99.10" / "bin" / "python3.99")
+  missing = python_for("3.97", tmp_path, str(tools))
+  assert missing.returncode == 1
+  assert "No Python 3.97 here" in missing.stderr
+  assert "pyenv install 3.97" in missing.stderr
