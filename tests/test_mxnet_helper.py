@@ -14,6 +14,7 @@ from helpers import run
 from mxnet_reference import ftml_step
 from mxnet_reference import trajectory
 from optax_ftml import mxnet
+from optax_ftml.mxnet import _schedules
 
 STEPS = 100
 
@@ -261,3 +262,17 @@ def test_injected_structural_hyperparameters_name_static_args(
   with pytest.raises(TypeError, match=rf"{name} must be .*static_args=\('{name}',\)"):
     run(injected(0.01, wd=1e-4, **{"mxnet_version": 2, **arguments}), params,
         noise, noisy_pull(target))
+
+
+def test_unfused_scalars_beyond_their_tables(problem, monkeypatch):
+  """The per-step scalars are tabulated in double; beyond the tables' limit
+  (here 3 steps) they are computed in float32, and the steps stay MXNet 2's
+  to float32 rounding."""
+  monkeypatch.setattr(_schedules, "_MAX_TABULATED_UPDATES", 3)
+  params, noise, target = problem
+  opt = mxnet.ftml(0.01, 0.9, 0.999, wd=0.05, mxnet_version=2,
+                   use_fused_step=False)
+  expected, _ = trajectory(params, noise, np.full(STEPS, 0.01),
+                           noisy_pull(target), update=ftml_step, beta1=0.9,
+                           wd=0.05)
+  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)

@@ -15,6 +15,7 @@ from optax_ftml import _ftml
 from optax_ftml import _validation
 from optax_ftml.mxnet import _unfused
 
+_CALLER = "mxnet.ftml"
 # MXNet's default learning rate: FTML's own in 2.x, the base class's in 1.x.
 _DEFAULT_LEARNING_RATE = {1: 0.01, 2: 0.0025}
 _STATIC = ("under optax.inject_hyperparams, which passes numeric arguments"
@@ -60,13 +61,11 @@ def _traceable(value: Any, name: str) -> Any:
   return value if hasattr(value, "dtype") else number
 
 
-_CALLER = "mxnet.ftml"
-
-
 def _mxnet_clip(bound: float) -> optax.GradientTransformation:
   """``nd.clip(g, -bound, bound)``: MXNet's clip operator takes any bounds,
   ``x > a_max ? a_max : x < a_min ? a_min : x``, so 0 zeroes the gradient
-  and a negative bound flips it to ``-bound`` below and ``bound`` above."""
+  and a negative bound ``c`` sends ``g > c`` to ``c`` and the rest to
+  ``-c``."""
   def clip(g):
     high = jnp.asarray(bound, g.dtype)
     return jnp.where(g > high, high, jnp.where(g < -high, -high, g))
