@@ -114,7 +114,7 @@ def ftml(
   caller = "mxnet.ftml"
 
   def concrete(value, name):
-    number = _validation.real_scalar(value, name, caller)
+    number = _validation.real_scalar_unless_traced(value, name, caller)
     if number is None:
       raise TypeError(f"{caller}: {name} must be a concrete number, not traced.")
     return number
