@@ -184,10 +184,14 @@ class _InPlaceOrder(NamedTuple):
     that the weights' ``d_t`` equals the one the other loops compute, so XLA
     does not merge them into one temporary array.
 
-  The arrangement applies on every platform: it changes no value, and one
-  program everywhere means one tested program. ``memory_analysis`` of the
-  compiled step shows it (``tests/test_compiled_structure.py``): scalars of
-  temporaries, not arrays, in every dtype and both states.
+  The arrangement applies on every platform rather than on CPU only
+  (``jax.lax.platform_dependent``): it changes no value, one program traced
+  once is the program the tests run, and elsewhere it costs at most a
+  recomputed square root per element (XLA:GPU fuses the outputs into shared
+  kernels; not measured). ``tests/test_compiled_structure.py`` checks the
+  compiled step by XLA's ``memory_analysis`` (a few hundred bytes of scalar
+  temporaries, no array) and ``cost_analysis``, in every dtype and both
+  states.
   """
 
   false_when_run: jax.Array
