@@ -34,14 +34,12 @@ import inspect
 import json
 import math
 import pathlib
-import platform
 import textwrap
 import time
 from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
@@ -62,12 +60,6 @@ OPTIMIZERS: dict[str, tuple[Callable[..., optax.GradientTransformation],
         (1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0)),
 }
 MAX_EXTENSIONS = 3  # half-decades added on each side, at most
-
-
-def package_versions() -> dict[str, str]:
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "optax": optax.__version__,
-          "numpy": np.__version__, "optax_ftml": optax_ftml.__version__}
 
 
 def next_half_decade(rate: float, direction: int) -> float:
@@ -403,7 +395,7 @@ def main(argv=None) -> None:
     return
   results, seeds = benchmark(args.quick)
   args.out.mkdir(parents=True, exist_ok=True)
-  versions, on = package_versions(), machine.description()
+  versions, on = machine.package_versions(), machine.description()
   table = markdown(results, seeds, versions, on)
   (args.out / "convergence.md").write_text(table)
   (args.out / "convergence.json").write_text(json.dumps(

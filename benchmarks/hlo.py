@@ -1,7 +1,6 @@
-"""Reading XLA's compiled text: the loops and copies of a compiled step.
-
-Shared by ``benchmarks/speed.py`` and ``tests/test_compiled_structure.py``.
-"""
+"""Reading XLA's compiled text: the loops and copies of a compiled step, and
+the arrays each loop streams (``benchmarks/speed.py``'s tables and streaming
+floor; the tests read XLA's ``memory_analysis`` and ``cost_analysis``)."""
 
 from __future__ import annotations
 

@@ -1,9 +1,17 @@
-"""What the benchmarks ran on: their results depend on the processor."""
+"""What the benchmarks ran on: their results depend on the processor and the
+packages' versions."""
 
 from __future__ import annotations
 
 import os
 import platform
+
+import jax
+import jaxlib
+import numpy as np
+import optax
+
+import optax_ftml
 
 
 def cpu_model() -> str:
@@ -21,3 +29,10 @@ def cpu_model() -> str:
 def description() -> dict[str, str | int | None]:
   """The processor and its number of cores."""
   return {"cpu": cpu_model(), "cpu_count": os.cpu_count()}
+
+
+def package_versions() -> dict[str, str]:
+  """Python's and the numerical packages' versions."""
+  return {"python": platform.python_version(), "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "optax": optax.__version__,
+          "numpy": np.__version__, "optax_ftml": optax_ftml.__version__}

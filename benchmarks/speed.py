@@ -93,7 +93,6 @@ def step_fn(optimizer, donate: bool):
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
-
 def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 
@@ -144,7 +143,6 @@ def time_first_call(names, params, grads, repetitions):
       texts[name] = compiled.as_text()
   return ({name: statistics.median(t) for name, t in wall.items()},
           {name: statistics.median(t) for name, t in cpu.items()}, texts)
-
 
 
 def streaming_times(size: int, max_reads: int, repetitions: int
@@ -289,7 +287,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   results, floor = benchmark(args.quick)
   environment = {
-      "jax": jax.__version__, "optax": optax.__version__,
+      **machine.package_versions(),
       "backend": jax.default_backend(), "devices": str(jax.devices()[0]),
       **machine.description(), "quick": args.quick}
   table = (f"JAX {environment['jax']}, Optax {environment['optax']};"

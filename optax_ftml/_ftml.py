@@ -7,17 +7,13 @@ References:
   Apache MXNet, ``mxnet.optimizer.FTML`` and the fused kernel ``ftml_update``.
 """
 
-from __future__ import annotations
-
 import functools
-from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
-from typing import cast
+from typing import Self
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from optax_ftml import _dtypes
@@ -71,7 +67,7 @@ class _StepScalars(NamedTuple):
 
   @classmethod
   def at(cls, t: jax.Array, lr: Any, b1: Any, b2: Any, eps: Any,
-         real: Any) -> _StepScalars:
+         real: Any) -> Self:
     """The scalars of the 1-based step ``t`` with learning rate ``lr``."""
     first = t == 0
     t = t.astype(real)
@@ -94,40 +90,15 @@ class _StepScalars(NamedTuple):
     return cls(beta1, beta2, 1 - beta1, 1 - beta2, d_scale, inv_bias2, eps)
 
 
-@functools.cache
-def gradient_bound(dtype: Any) -> np.ndarray:
-  """The largest gradient component whose squared magnitude is finite.
-
-  MXNet's kernel computes ``g * g``: beyond this bound it overflows, ``v``
-  becomes infinite and the weights NaN. Within it, ``v_t`` (an average of
-  the ``|g|**2`` seen, from ``v_0 = 0``) and ``v_t / (1 - b2**t)`` do not
-  exceed the largest ``|g|**2`` but for rounding. For complex ``dtype`` the
-  bound applies to each component: ``|g|**2 = re**2 + im**2``. 1.8e19 for
-  float32 (the float below 2**64), 1.3e154 for float64; 1.3e19 for
-  complex64.
-  """
-  real = _dtypes.real_dtype(dtype).type
-  terms = real(2 if jnp.issubdtype(dtype, jnp.complexfloating) else 1)
-  with np.errstate(over="ignore"):
-    def finite(x):
-      return bool(np.isfinite(terms * (x * x)))
-    bound = np.sqrt(np.finfo(real).max / terms)
-    while not finite(bound):
-      bound = np.nextafter(bound, real(0))
-    while finite(np.nextafter(bound, real(np.inf))):
-      bound = np.nextafter(bound, real(np.inf))
-  return bound
-
-
 def _limited(g: jax.Array) -> jax.Array:
-  """``g`` with finite components limited to :func:`gradient_bound`.
+  """``g`` with finite components limited to :func:`_dtypes.gradient_bound`.
 
   A larger finite gradient would overflow ``v`` and turn that element's
   state into NaN for good, unseen by ``optax.apply_if_finite`` (which checks
   the incoming gradients). Infinities pass: like NaN, they propagate as in
   every Optax optimizer.
   """
-  bound = gradient_bound(g.dtype)
+  bound = _dtypes.gradient_bound(g.dtype)
 
   def limit(x):
     return jax.lax.select(jnp.abs(x) == jnp.inf, x,
@@ -191,30 +162,63 @@ def weight_step(z: jax.Array, weight: jax.Array, d_t: jax.Array) -> jax.Array:
   return _zero_where(d_t == 0, -z / d_t.astype(weight.dtype) - weight)
 
 
+class _InPlaceOrder(NamedTuple):
+  """Lays out one parameter's step so that XLA:CPU updates it in place.
+
+  XLA:CPU computes each output array (the update, ``v``, ``z``, ``d_prev``)
+  in a loop of its own and, with the parameters and the state donated,
+  writes it over its input array. A temporary array (``d_t``, which three
+  outputs use) or a copy (of an input overwritten before another loop reads
+  it) would cost whole passes over memory, which is what FTML's step time is
+  made of. So every loop reads stored arrays only and computes ``d_t`` from
+  them itself, and the loops run ``v``, ``z``, ``d_prev``, weights (the lean
+  state: ``z``, reading the old ``v``, before ``v``). Two devices, which
+  change no value, get XLA there:
+
+  * :meth:`after`: XLA orders loops by data dependence only and resolves any
+    other write-after-read order with a copy; a loop that overwrites an array
+    another loop reads is made to depend on that loop's output, by a select
+    on a condition false when the step runs but not known to be when
+    compiling (``count < 0``).
+  * :meth:`own_d_t`: an ``optimization_barrier`` on the step's scalars hides
+    that the weights' ``d_t`` equals the one the other loops compute, so XLA
+    does not merge them into one temporary array.
+
+  The arrangement applies on every platform rather than on CPU only
+  (``jax.lax.platform_dependent``): it changes no value, one program traced
+  once is the program the tests run, and elsewhere it costs at most a
+  recomputed square root per element (XLA:GPU fuses the outputs into shared
+  kernels; not measured). ``tests/test_compiled_structure.py`` checks the
+  compiled step by XLA's ``memory_analysis`` (a few hundred bytes of scalar
+  temporaries, no array) and ``cost_analysis``, in every dtype and both
+  states.
+  """
+
+  false_when_run: jax.Array
+  """``count < 0`` for the incremented, non-negative count."""
+
+  def after(self, written: jax.Array, x: jax.Array) -> jax.Array:
+    """``x``, read by a loop that runs once ``written`` is written."""
+    return jax.lax.select(self.false_when_run,
+                          jnp.real(written).astype(x.dtype), x)
+
+  @staticmethod
+  def own_d_t(scalars: _StepScalars) -> _StepScalars:
+    """``scalars``, not known to XLA to be the ones the other loops use."""
+    return jax.lax.optimization_barrier(scalars)
+
+
 @jax.jit
 def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
                d_prev: jax.Array | None, now: _StepScalars,
-               before: _StepScalars | None, never: jax.Array
-               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
-  """One parameter's step: its update and new ``v``, ``z`` and ``d_prev``.
+               before: _StepScalars | None, order: _InPlaceOrder
+               ) -> tuple[jax.Array, ...]:
+  """One parameter's update, new ``v``, ``z`` and (default state) ``d_prev``.
 
-  ``d_prev`` is the stored array or, for the lean state, None: it is then
-  recomputed from ``v`` with the previous step's scalars ``before``.
-
-  XLA:CPU computes each output array in a loop of its own and, with the
-  parameters and the state donated, writes it over its input array. A
-  temporary (``d_t``, which three outputs use) or a copy (of an input
-  overwritten before another loop reads it) would cost whole passes over
-  memory, which is what FTML's step time is made of. So every loop reads
-  stored arrays only and recomputes ``d_t`` from them, and the loops run
-  ``v``, ``z``, ``d_prev``, weights (the lean state: ``z``, reading the old
-  ``v``, before ``v``). XLA orders loops by data dependence only and resolves
-  any other write-after-read order with a copy, hence the selects on
-  ``never`` (false, but not known to be when compiling; they cost no memory
-  traffic): ``after`` makes a loop read a value once another has written,
-  and ``apart`` keeps the weights' ``d_t`` from being merged with the
-  others' into one array. ``tests/test_compiled_structure.py`` checks the
-  compiled step: one loop per output array and no copies, in every dtype.
+  MXNet's lines, each loop reading the state as stored (rounded to its
+  dtype), laid out by ``order``. For the lean state ``d_prev`` is None: it
+  is recomputed from ``v`` with the previous step's scalars ``before``, and
+  no ``d_prev`` is returned.
 
   Jitted so that parameters of one shape and dtype share one trace (XLA
   inlines the calls; the compiled step is the same).
@@ -222,33 +226,29 @@ def _leaf_step(param: jax.Array, grad: jax.Array, v: jax.Array, z: jax.Array,
   compute = _dtypes.compute_dtype(param.dtype, z.dtype)
   real = _dtypes.real_dtype(compute)
 
-  def stored(x, dtype):
-    """``x`` as the state stores it, read back in the arithmetic's dtype."""
-    return x.astype(dtype).astype(x.dtype)
-
-  def after(written, x):
-    """``x``, read once ``written`` is."""
-    return jax.lax.select(never, jnp.real(written).astype(x.dtype), x)
-
-  apart = now._replace(inv_bias2=_zero_where(never, now.inv_bias2))
+  def stored(x, buffer):
+    """``x`` rounded to ``buffer``'s dtype, in the arithmetic's."""
+    return x.astype(buffer.dtype).astype(x.dtype)
 
   weight, grad = param.astype(compute), _limited(grad.astype(compute))
   v_old, z_old = v.astype(real), z.astype(compute)
   if before is None:
-    v_new = stored(next_v(v_old, grad, now), v.dtype)
+    v_new = stored(next_v(v_old, grad, now), v)
     z_new = stored(next_z(z_old, grad, weight, diagonal(v_new, now),
-                          jnp.asarray(d_prev, real), now), z.dtype)
-    d_new = diagonal(after(z_new, v_new), now).astype(v.dtype)
-  else:  # The lean state: z's loop reads the old v, so it comes first.
-    d_prev = stored(diagonal(v_old, before), v.dtype)
-    v_in_z = stored(next_v(v_old, grad, now), v.dtype)
-    z_new = stored(next_z(z_old, grad, weight, diagonal(v_in_z, now), d_prev,
-                          now), z.dtype)
-    v_new = stored(next_v(after(z_new, v_old), grad, now), v.dtype)
-    d_new = None
-  step = weight_step(z_new, weight, diagonal(v_new, apart))
-  return step.astype(param.dtype), v_new.astype(v.dtype), z_new.astype(
-      z.dtype), d_new
+                          jnp.asarray(d_prev, real), now), z)
+    # d_prev's loop overwrites the d_prev that z's loop reads.
+    new_state = (v_new, z_new, diagonal(order.after(z_new, v_new), now))
+  else:
+    d_prev = stored(diagonal(v_old, before), v)
+    z_new = stored(next_z(z_old, grad, weight, diagonal(
+        stored(next_v(v_old, grad, now), v), now), d_prev, now), z)
+    # v's loop overwrites the v that z's loop reads.
+    v_new = stored(next_v(order.after(z_new, v_old), grad, now), v)
+    new_state = (v_new, z_new)
+  step = weight_step(z_new, weight, diagonal(v_new, order.own_d_t(now)))
+  return step.astype(param.dtype), *(
+      x.astype(buffer.dtype) for x, buffer in zip(new_state, (v, z, v),
+                                                  strict=False))
 
 
 def ftml(
@@ -351,87 +351,60 @@ def ftml(
   """
   state_dtype = _validation.check_arguments(learning_rate, b1, b2, eps,
                                             state_dtype, recompute_d_prev)
+  state_type = FTMLLeanState if recompute_d_prev else FTMLState
 
-  def v_dtype(param_dtype):
-    return _dtypes.v_dtype(param_dtype, state_dtype)
-
-  def z_dtype(param_dtype):
-    return _dtypes.z_dtype(param_dtype, state_dtype)
+  def dtypes(param_dtype):
+    """The dtypes of a parameter's ``v``, ``z`` (and ``d_prev``)."""
+    v = _dtypes.v_dtype(param_dtype, state_dtype)
+    return v, _dtypes.z_dtype(param_dtype, state_dtype), v
 
   def rate_dtype(params):
     """The lean state's learning rate: the widest dtype the update computes
     in."""
     return _dtypes.widest(jnp.float32, *(
-        _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype, z_dtype(p.dtype)))
+        _dtypes.real_dtype(_dtypes.compute_dtype(p.dtype, dtypes(p.dtype)[1]))
         for p in jax.tree.leaves(params)))
 
   def init_fn(params: optax.Params) -> FTMLState | FTMLLeanState:
     _validation.check_params(params)
-
     # Separate zeros trees: buffers must not alias so that donating the state
     # to a jitted step can reuse each of them in place.
-    def zeros(dtype_of: Callable[[Any], jnp.dtype]) -> optax.Updates:
-      return jax.tree.map(
-          lambda p: jnp.zeros_like(p, dtype=dtype_of(p.dtype)), params)
-
+    v, z, d_prev = (jax.tree.map(lambda p, i=i: jnp.zeros_like(
+        p, dtype=dtypes(p.dtype)[i]), params) for i in range(3))
     count = jnp.zeros([], jnp.int32)
     if recompute_d_prev:
-      return FTMLLeanState(count, zeros(v_dtype), zeros(z_dtype),
-                           jnp.zeros([], rate_dtype(params)))
-    return FTMLState(count, zeros(v_dtype), zeros(z_dtype), zeros(v_dtype))
+      return FTMLLeanState(count, v, z, jnp.zeros([], rate_dtype(params)))
+    return FTMLState(count, v, z, d_prev)
 
   def update_fn(updates: optax.Updates, state: optax.OptState,
                 params: optax.Params | None = None, **extra_args: Any
                 ) -> tuple[optax.Updates, optax.OptState]:
     del extra_args
-    kind = FTMLLeanState if recompute_d_prev else FTMLState
-    if not isinstance(state, kind):
-      raise TypeError(
-          f"ftml: state must be the {kind.__name__} that init returns (with"
-          f" recompute_d_prev={recompute_d_prev}), got {type(state).__name__}.")
-    state = cast(FTMLState | FTMLLeanState, state)
-    lean = isinstance(state, FTMLLeanState)
-    buffers = (state.v, state.z) if lean else (state.v, state.z, state.d_prev)
-    dtypes = (v_dtype, z_dtype, v_dtype)[:len(buffers)]
-    _validation.check_update(params, updates, dict(zip(
-        ("v", "z", "d_prev"), zip(buffers, dtypes, strict=True),
-        strict=False)), state.count)
-    if lean:
-      rate = state.prev_learning_rate
-      if jnp.shape(rate) != () or jnp.result_type(rate) != rate_dtype(params):
-        raise TypeError(
-            "ftml: state.prev_learning_rate must be a scalar of dtype"
-            f" {rate_dtype(params)}, got {jnp.result_type(rate)} of shape"
-            f" {jnp.shape(rate)}.")
-
-    # The step's scalars, once per real dtype; the lean state recomputes
-    # d_prev with the previous step's.
+    state = _validation.check_state(state, state_type, recompute_d_prev)
+    buffers = _validation.check_update(params, updates, state, dtypes,
+                                       rate_dtype)
     count = jnp.asarray(optax.safe_increment(state.count))
     lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    prev_rate = getattr(state, "prev_learning_rate", None)  # the lean state's
+    # The step's scalars, once per real dtype (and the previous step's).
     now = functools.cache(
         lambda real: _StepScalars.at(count, lr, b1, b2, eps, real))
-    before = None
-    if lean:
-      previous = state
-      before = functools.cache(lambda real: _StepScalars.at(
-          previous.count, previous.prev_learning_rate, b1, b2, eps, real))
-    never = count < 0
+    before = functools.cache(lambda real: _StepScalars.at(
+        state.count, prev_rate, b1, b2, eps, real))
+    order = _InPlaceOrder(count < 0)
 
     def leaf_step(param, grad, v, z, d_prev=None):
       real = _dtypes.real_dtype(_dtypes.compute_dtype(param.dtype, z.dtype))
       return _leaf_step(param, grad, v, z, d_prev, now(real),
-                        before(real) if before else None, never)
+                        None if prev_rate is None else before(real), order)
 
-    leaves, tree = jax.tree.flatten(params)
-    steps = [leaf_step(*leaf) for leaf in zip(
-        leaves, *map(tree.flatten_up_to, (updates, *buffers)), strict=True)]
-
-    def output(index):
-      return tree.unflatten([step[index] for step in steps])
-
-    if lean:
-      return output(0), FTMLLeanState(count, output(1), output(2), jnp.asarray(
-          lr, state.prev_learning_rate.dtype))
-    return output(0), FTMLState(count, output(1), output(2), output(3))
+    per_leaf = jax.tree.map(leaf_step, params, updates, *buffers)
+    step, *new_buffers = (jax.tree.map(lambda _, out, i=i: out[i], params,
+                                       per_leaf) for i in range(1 + len(buffers)))
+    new: dict[str, Any] = dict(zip(("v", "z", "d_prev"), new_buffers,
+                                   strict=False))
+    if prev_rate is not None:
+      new["prev_learning_rate"] = jnp.asarray(lr, prev_rate.dtype)
+    return step, state._replace(count=count, **new)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

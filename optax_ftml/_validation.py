@@ -19,12 +19,16 @@ from __future__ import annotations
 
 import numbers
 import reprlib
+from collections.abc import Callable
 from typing import Any
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from optax_ftml import _dtypes
 
 _LARGEST = float(np.finfo(np.float32).max)
 _SMALLEST_NORMAL = float(np.finfo(np.float32).smallest_normal)
@@ -33,16 +37,12 @@ _SUPPORTED = tuple(map(jnp.dtype, (jnp.float16, jnp.bfloat16, jnp.float32,
                                    jnp.float64, jnp.complex64,
                                    jnp.complex128)))
 _REAL_STATE = _SUPPORTED[:4]
-# The largest |g| whose square is finite in float32 (the float below 2**64):
-# gradients are limited to it, so sqrt(v / (1 - b2**t)) never exceeds it.
-_FLOAT32_GRADIENT_BOUND = float(np.nextafter(np.float32(2.0**64), 0))
+_State = TypeVar("_State")
+# Gradients are limited to it, so sqrt(v / (1 - b2**t)) never exceeds it.
+_FLOAT32_GRADIENT_BOUND = float(_dtypes.gradient_bound(np.float32))
 
 
-def _shown(value: Any) -> str:
-  return reprlib.repr(value)
-
-
-def real_scalar(value: Any, name: str, caller: str) -> float | None:
+def real_scalar_unless_traced(value: Any, name: str, caller: str) -> float | None:
   """A hyperparameter's value as a float, or None while it is traced.
 
   Python and NumPy numbers and 0-d real arrays (NumPy or JAX, concrete or
@@ -57,7 +57,7 @@ def real_scalar(value: Any, name: str, caller: str) -> float | None:
   if dtype is None or shape is None:
     raise TypeError(
         f"{caller}: {name} must be a real number or a 0-d array, got"
-        f" {_shown(value)} ({type(value).__name__}).")
+        f" {reprlib.repr(value)} ({type(value).__name__}).")
   if tuple(shape) != ():
     raise TypeError(
         f"{caller}: {name} must be a scalar (one value for every element),"
@@ -111,7 +111,7 @@ def _check_beta(value: Any, name: str, caller: str) -> float | None:
         f" correction 1 - {name}**t then divides by zero); this is what"
         " optax.inject_hyperparams does for half-precision parameters: pass"
         " it hyperparam_dtype=jnp.float32.")
-  beta = real_scalar(value, name, caller)
+  beta = real_scalar_unless_traced(value, name, caller)
   if beta is None:
     return None
   check_range(beta, name, caller, 0.0, 1.0, high_open=True)
@@ -132,7 +132,7 @@ def check_learning_rate(value: Any, name: str, caller: str,
   passes a schedule's values this way; such a step is a no-op)."""
   if callable(value):
     return None
-  rate = real_scalar(value, name, caller)
+  rate = real_scalar_unless_traced(value, name, caller)
   if rate is None:
     return None
   if rate == 0 and isinstance(value, numbers.Real):
@@ -163,7 +163,7 @@ def check_hyperparameters(learning_rate: Any, b1: Any, b2: Any, eps: Any, *,
   """FTML's hyperparameters, with the names ``caller`` gives them."""
   beta1 = _check_beta(b1, names[1], caller)
   _check_beta(b2, names[2], caller)
-  epsilon = real_scalar(eps, names[3], caller)
+  epsilon = real_scalar_unless_traced(eps, names[3], caller)
   if epsilon is not None:
     check_range(epsilon, names[3], caller, 0.0, float("inf"), high_open=True)
   rate = check_learning_rate(learning_rate, names[0], caller, beta1)
@@ -201,7 +201,7 @@ def check_state_dtype(state_dtype: Any) -> jnp.dtype | None:
   if dtype is None or dtype not in _REAL_STATE:
     raise TypeError(
         "ftml: state_dtype must be None or one of float32, float64, bfloat16"
-        f" and float16, got {_shown(state_dtype) if dtype is None else dtype}.")
+        f" and float16, got {reprlib.repr(state_dtype) if dtype is None else dtype}.")
   return dtype
 
 
@@ -243,28 +243,23 @@ def check_params(params: optax.Params) -> None:
         " complex128 (e.g. a float32 master copy of float8 weights).")
 
 
-def check_update(params: optax.Params | None, gradients: optax.Updates,
-                 buffers: dict[str, tuple[optax.Updates, Any]],
-                 count: Any) -> None:
-  """``update``'s inputs: trees shaped like the parameters, gradients of the
-  parameters' kind, each state buffer in the dtype ``init`` gives it (per
-  parameter: ``buffers[name] = (tree, dtype_of(param_dtype))``), and the
-  count a non-negative int32 scalar.
+def check_state(state: Any, state_type: type[_State],
+                recompute_d_prev: bool) -> _State:
+  """``state`` must be the ``state_type`` that ``init`` returns (its fields
+  are checked by :func:`check_update`)."""
+  if not isinstance(state, state_type):
+    raise TypeError(
+        f"ftml: state must be the {state_type.__name__} that init returns"
+        f" (with recompute_d_prev={recompute_d_prev}), got"
+        f" {type(state).__name__}.")
+  return state
 
-  Mismatches would otherwise broadcast or promote silently (e.g. a state
-  restored for other parameters), so they are refused while tracing.
-  """
-  if params is None:
-    raise ValueError(
-        "ftml: update needs the current parameters: call"
-        " update(grads, state, params). FTML's step depends on the weights.")
-  check_params(params)
+
+def _check_trees(params: optax.Params, trees: dict[str, Any]) -> None:
+  """Each of ``trees`` has the parameters' tree structure and leaf shapes."""
   treedef = jax.tree.structure(params)
-  leaves = jax.tree.leaves(params)
-  shapes = [jnp.shape(p) for p in leaves]
-  expected = {"gradients": (gradients, None), **{
-      f"state.{name}": buffer for name, buffer in buffers.items()}}
-  for name, (tree, dtype_of) in expected.items():
+  shapes = [jnp.shape(p) for p in jax.tree.leaves(params)]
+  for name, tree in trees.items():
     if jax.tree.structure(tree) != treedef:
       raise ValueError(
           f"ftml: the {name} tree does not match the parameters tree:"
@@ -274,22 +269,44 @@ def check_update(params: optax.Params | None, gradients: optax.Updates,
       raise ValueError(
           f"ftml: the {name} leaf shapes do not match the parameters' shapes:"
           f" {tree_shapes} vs {shapes}.")
-    for (path, leaf), param in zip(jax.tree_util.tree_leaves_with_path(tree),
-                                   leaves, strict=True):
-      dtype = jnp.result_type(leaf)
-      if dtype_of is None:  # gradients
-        if dtype not in _SUPPORTED or (
-            jnp.issubdtype(dtype, jnp.complexfloating)
-            and not jnp.issubdtype(param.dtype, jnp.complexfloating)):
-          raise TypeError(
-              f"ftml: {_leaf_name(name, path)} has dtype {dtype} for"
-              f" parameters of dtype {param.dtype}; gradients must be"
-              " floating (complex only for complex parameters).")
-      elif dtype != dtype_of(param.dtype):
+
+
+def _leaves_with_params(name: str, tree: Any, params: optax.Params):
+  """``(leaf name, leaf dtype, parameter)`` of each leaf of ``tree``."""
+  return [(_leaf_name(name, path), jnp.result_type(leaf), param)
+          for (path, leaf), param in zip(
+              jax.tree_util.tree_leaves_with_path(tree),
+              jax.tree.leaves(params), strict=True)]
+
+
+def _check_gradient_dtypes(params: optax.Params, gradients: Any) -> None:
+  """Gradients are floating, complex only for complex parameters."""
+  for name, dtype, param in _leaves_with_params("gradients", gradients, params):
+    if dtype not in _SUPPORTED or (
+        jnp.issubdtype(dtype, jnp.complexfloating)
+        and not jnp.issubdtype(param.dtype, jnp.complexfloating)):
+      raise TypeError(
+          f"ftml: {name} has dtype {dtype} for parameters of dtype"
+          f" {param.dtype}; gradients must be floating (complex only for"
+          " complex parameters).")
+
+
+def _check_buffer_dtypes(params: optax.Params, buffers: dict[str, Any],
+                         dtypes: Callable[[Any], tuple[Any, ...]]) -> None:
+  """Each state buffer in the dtype ``init`` gives it: ``dtypes(param
+  dtype)``, in the order of ``buffers``."""
+  for index, (name, tree) in enumerate(buffers.items()):
+    for leaf_name, dtype, param in _leaves_with_params(name, tree, params):
+      expected = dtypes(param.dtype)[index]
+      if dtype != expected:
         raise TypeError(
-            f"ftml: {_leaf_name(name, path)} has dtype {dtype} where init"
-            f" makes {dtype_of(param.dtype)} for {param.dtype} parameters: a"
-            " state for other parameters or another state_dtype?")
+            f"ftml: {leaf_name} has dtype {dtype} where init makes {expected}"
+            f" for {param.dtype} parameters: a state for other parameters or"
+            " another state_dtype?")
+
+
+def _check_count(count: Any) -> None:
+  """A non-negative int32 scalar (only its type and shape while traced)."""
   if jnp.result_type(count) != jnp.int32 or jnp.shape(count) != ():
     raise TypeError(
         f"ftml: state.count must be an int32 scalar, got"
@@ -300,3 +317,42 @@ def check_update(params: optax.Params | None, gradients: optax.Updates,
     return
   if negative:
     raise ValueError(f"ftml: state.count must be >= 0, got {int(count)}.")
+
+
+def _check_prev_learning_rate(rate: Any, dtype: jnp.dtype) -> None:
+  """The lean state's learning rate: a scalar of ``dtype``."""
+  if jnp.shape(rate) != () or jnp.result_type(rate) != dtype:
+    raise TypeError(
+        "ftml: state.prev_learning_rate must be a scalar of dtype"
+        f" {dtype}, got {jnp.result_type(rate)} of shape {jnp.shape(rate)}.")
+
+
+def check_update(params: optax.Params | None, gradients: optax.Updates,
+                 state: Any, dtypes: Callable[[Any], tuple[Any, ...]],
+                 rate_dtype: Callable[[optax.Params], jnp.dtype]
+                 ) -> tuple[optax.Updates, ...]:
+  """``update``'s inputs, given the state :func:`check_state` passed: trees
+  shaped like the parameters, gradients of the parameters' kind, each state
+  buffer in the dtype ``init`` gives it (``dtypes(param_dtype)``: of ``v``,
+  ``z`` and ``d_prev``), the count a non-negative int32 scalar and the lean
+  state's learning rate of ``rate_dtype(params)``. Returns the state's
+  per-parameter buffers: ``(v, z, d_prev)``, or ``(v, z)`` for the lean
+  state.
+
+  Mismatches would otherwise broadcast or promote silently (e.g. a state
+  restored for other parameters), so they are refused while tracing.
+  """
+  if params is None:
+    raise ValueError(
+        "ftml: update needs the current parameters: call"
+        " update(grads, state, params). FTML's step depends on the weights.")
+  check_params(params)
+  buffers = {f"state.{name}": getattr(state, name)
+             for name in ("v", "z", "d_prev") if name in state._fields}
+  _check_trees(params, {"gradients": gradients, **buffers})
+  _check_gradient_dtypes(params, gradients)
+  _check_buffer_dtypes(params, buffers, dtypes)
+  _check_count(state.count)
+  if "prev_learning_rate" in state._fields:
+    _check_prev_learning_rate(state.prev_learning_rate, rate_dtype(params))
+  return tuple(buffers.values())

@@ -1,7 +1,6 @@
 """What the tests share: training loops, problems, and error measures."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -67,21 +66,3 @@ def relative_error(actual, expected, floor=1.0):
   return max(float(np.max(np.abs(np.asarray(actual[k]) - expected[k])
                           / np.maximum(np.abs(expected[k]), floor)))
              for k in expected)
-
-
-def ulps(a, b):
-  """How many float32 values lie between ``a`` and ``b``, elementwise."""
-  def ordered(x):
-    i = np.asarray(x, np.float32).view(np.int32).astype(np.int64)
-    return np.where(i < 0, -(i & 0x7FFFFFFF), i)
-  return np.abs(ordered(a) - ordered(b))
-
-
-def ulp(x):
-  """One unit in the last place of each element of ``x`` (in ``x``'s dtype),
-  as a float64 array."""
-  x = jnp.asarray(x)
-  magnitude = np.abs(np.asarray(x, np.float64))
-  tiny = float(jnp.finfo(x.dtype).smallest_normal)
-  exponent = np.floor(np.log2(np.maximum(magnitude, tiny)))
-  return float(jnp.finfo(x.dtype).eps) * 2.0**exponent

@@ -28,92 +28,90 @@ from optax_ftml import ftml
 from optax_ftml import mxnet
 
 
-def refused(error, message):
-  """``pytest.raises`` for the whole message, given literally."""
-  return pytest.raises(error, match="^" + re.escape(message))
+def refused(error, fragments):
+  """``pytest.raises`` for a message with each of ``fragments`` in order,
+  given literally: the argument as the caller wrote it (the message's start),
+  the allowed range, the value given and the fix, not the words between."""
+  return pytest.raises(error, match="^" + ".*".join(map(re.escape, fragments)))
 
 
 # --- Hyperparameters, at construction --------------------------------------
 
-@pytest.mark.parametrize("kwargs, error, message", [
+@pytest.mark.parametrize("kwargs, error, fragments", [
     # Concrete arrays are checked like Python numbers.
     (dict(learning_rate=jnp.array(-0.1)), ValueError,
-     "ftml: learning_rate must be a positive number, got Array(-0.1"),
+     ("ftml: learning_rate", "positive number", "got Array(-0.1")),
     (dict(learning_rate=np.array(-1.0)), ValueError,
-     "ftml: learning_rate must be a positive number, got array(-1.)."),
+     ("ftml: learning_rate", "positive number", "got array(-1.)")),
     (dict(learning_rate=-0.1), ValueError,
-     "ftml: learning_rate must be a positive number, got -0.1."),
+     ("ftml: learning_rate", "positive number", "got -0.1")),
     (dict(learning_rate=float("nan")), ValueError,
-     "ftml: learning_rate must be a positive number, got nan."),
+     ("ftml: learning_rate", "positive number", "got nan")),
     (dict(learning_rate=0.0), ValueError,
-     "ftml: a constant learning_rate must be > 0 (FTML's step divides by it)"),
+     ("ftml: a constant learning_rate", "must be > 0")),
     (dict(learning_rate=np.float32(0)), ValueError,
-     "ftml: a constant learning_rate must be > 0"),
+     ("ftml: a constant learning_rate", "must be > 0")),
     (dict(learning_rate=1e39), ValueError,
-     "ftml: learning_rate must be from 1.175e-38 to 3.403e+37 (with b1 = 0.6),"
-     " got 1e+39: outside, (1 - b1**t) / learning_rate rounds to 0 or"
-     " overflows in float32, and the steps do nothing or turn NaN."),
+     ("ftml: learning_rate", "must be from 1.175e-38 to 3.403e+37", "(with b1 = 0.6)",
+      "got 1e+39")),
     (dict(learning_rate=1e38), ValueError,
-     "ftml: learning_rate must be from 1.175e-38 to 3.403e+37 (with b1 = 0.6),"
-     " got 1e+38"),
+     ("ftml: learning_rate", "must be from 1.175e-38 to 3.403e+37", "(with b1 = 0.6)",
+      "got 1e+38")),
     (dict(learning_rate=1e37, b1=0.99), ValueError,
-     "ftml: learning_rate must be from 1.175e-38 to 8.507e+35 (with b1 = 0.99)"),
+     ("ftml: learning_rate", "must be from 1.175e-38 to 8.507e+35",
+      "(with b1 = 0.99)")),
     (dict(learning_rate=float("inf")), ValueError,
-     "ftml: learning_rate must be from"),
+     ("ftml: learning_rate", "must be from")),
     (dict(learning_rate=1e-21), ValueError,
-     "ftml: learning_rate must be at least 5.421e-20, got 1e-21: below it d_t"
-     " = (|g| + eps) / learning_rate overflows float32 for the largest"
-     " gradients the kernel accepts (|g| up to 1.845e+19)."),
+     ("ftml: learning_rate", "at least 5.421e-20", "got 1e-21",
+      "|g| up to 1.845e+19")),
     (dict(learning_rate="0.1"), TypeError,
-     "ftml: learning_rate must be a real number or a 0-d array, got '0.1'"
-     " (str)."),
+     ("ftml: learning_rate", "real number or a 0-d array", "got '0.1' (str)")),
     (dict(learning_rate=None), TypeError,
-     "ftml: learning_rate must be a real number or a 0-d array, got None"),
+     ("ftml: learning_rate", "real number or a 0-d array", "got None")),
     (dict(learning_rate=True), TypeError,
-     "ftml: learning_rate must be a real number, got True."),
+     ("ftml: learning_rate", "real number", "got True")),
     (dict(learning_rate=jnp.array([0.1, 0.2])), TypeError,
-     "ftml: learning_rate must be a scalar (one value for every element), got"
-     " an array of shape (2,)."),
+     ("ftml: learning_rate", "must be a scalar", "got an array of shape (2,)")),
     (dict(b2=jnp.full(3, 0.999)), TypeError,
-     "ftml: b2 must be a scalar (one value for every element), got an array"
-     " of shape (3,)."),
-    (dict(eps=np.ones((1, 1))), TypeError, "ftml: eps must be a scalar"),
-    (dict(b1=-0.1), ValueError, "ftml: b1 must be in [0, 1), got -0.1."),
-    (dict(b1=1.0), ValueError, "ftml: b1 must be in [0, 1), got 1.0."),
-    (dict(b1=float("nan")), ValueError, "ftml: b1 must be in [0, 1), got nan."),
+     ("ftml: b2", "must be a scalar", "got an array of shape (3,)")),
+    (dict(eps=np.ones((1, 1))), TypeError, ("ftml: eps", "must be a scalar")),
+    (dict(b1=-0.1), ValueError, ("ftml: b1", "must be in [0, 1)", "got -0.1")),
+    (dict(b1=1.0), ValueError, ("ftml: b1", "must be in [0, 1)", "got 1.0")),
+    (dict(b1=float("nan")), ValueError, ("ftml: b1", "must be in [0, 1)", "got nan")),
     (dict(b1=1 - 1e-8), ValueError,
-     "ftml: b1=0.99999999 rounds to 1.0 in float32, which makes the bias"
-     " correction 1 - b1**t zero; use b1 <= 0.9999999403953552."),
+     ("ftml: b1", "=0.99999999", "rounds to 1.0 in float32",
+      "use b1 <= 0.9999999403953552")),
     (dict(b1=[0.9]), TypeError,
-     "ftml: b1 must be a real number or a 0-d array, got [0.9] (list)."),
+     ("ftml: b1", "real number or a 0-d array", "got [0.9] (list)")),
     (dict(b1=0.5 + 0j), TypeError,
-     "ftml: b1 must be a real number or a 0-d array, got (0.5+0j) (complex)."),
+     ("ftml: b1", "real number or a 0-d array", "got (0.5+0j) (complex)")),
     (dict(b1=np.complex64(0.5)), TypeError,
-     "ftml: b1 must be a real number, got an array of dtype complex64."),
-    (dict(b2=np.array(1.0)), ValueError, "ftml: b2 must be in [0, 1), got 1.0."),
-    (dict(b2=jnp.array(1.5)), ValueError, "ftml: b2 must be in [0, 1), got 1.5."),
-    (dict(b2="0.999"), TypeError, "ftml: b2 must be a real number or a 0-d"),
-    (dict(eps=-1e-8), ValueError, "ftml: eps must be in [0, inf), got -1e-08."),
-    (dict(eps=float("inf")), ValueError, "ftml: eps must be in [0, inf), got inf."),
+     ("ftml: b1", "real number", "got an array of dtype complex64")),
+    (dict(b2=np.array(1.0)), ValueError, ("ftml: b2", "must be in [0, 1)", "got 1.0")),
+    (dict(b2=jnp.array(1.5)), ValueError, ("ftml: b2", "must be in [0, 1)", "got 1.5")),
+    (dict(b2="0.999"), TypeError, ("ftml: b2", "real number")),
+    (dict(eps=-1e-8), ValueError, ("ftml: eps", "must be in [0, inf)", "got -1e-08")),
+    (dict(eps=float("inf")), ValueError, ("ftml: eps", "must be in [0, inf)",
+                    "got inf")),
     (dict(eps=1e39), ValueError,
-     "ftml: eps must be finite in float32 (|eps| <= 3.403e+38), got 1e+39."),
+     ("ftml: eps", "finite in float32", "<= 3.403e+38", "got 1e+39")),
     (dict(eps=1e37), ValueError,
-     "ftml: eps must be at most 8.507e+35 with learning_rate = 0.0025, got"
-     " 1e+37: above it d_t = (|g| + eps) / learning_rate overflows float32."),
-    (dict(eps=None), TypeError, "ftml: eps must be a real number or a 0-d"),
+     ("ftml: eps", "at most 8.507e+35", "with learning_rate = 0.0025", "got 1e+37")),
+    (dict(eps=None), TypeError, ("ftml: eps", "real number")),
     (dict(state_dtype="nope"), TypeError,
-     "ftml: state_dtype must be None or one of float32, float64, bfloat16 and"
-     " float16, got 'nope'."),
-    (dict(state_dtype=jnp.int32), TypeError, "ftml: state_dtype must be None or"),
-    (dict(state_dtype=jnp.complex64), TypeError, "ftml: state_dtype must be"),
+     ("ftml: state_dtype", "None or one of float32, float64, bfloat16 and float16",
+      "got 'nope'")),
+    (dict(state_dtype=jnp.int32), TypeError, ("ftml: state_dtype",)),
+    (dict(state_dtype=jnp.complex64), TypeError, ("ftml: state_dtype",)),
     (dict(state_dtype=jnp.float8_e4m3fn), TypeError,
-     "ftml: state_dtype must be None or one of float32, float64, bfloat16 and"
-     " float16, got float8_e4m3fn."),
+     ("ftml: state_dtype", "None or one of float32, float64, bfloat16 and float16",
+      "got float8_e4m3fn")),
     (dict(recompute_d_prev=1), TypeError,
-     "ftml: recompute_d_prev must be a bool, got 1."),
+     ("ftml: recompute_d_prev", "must be a bool", "got 1")),
 ])
-def test_ftml_refuses(kwargs, error, message):
-  with refused(error, message):
+def test_ftml_refuses(kwargs, error, fragments):
+  with refused(error, fragments):
     ftml(**kwargs)
 
 
@@ -132,63 +130,63 @@ def test_valid_edge_hyperparameters_are_accepted(kwargs):
   ftml(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
+@pytest.mark.parametrize("kwargs, error, fragments", [
     (dict(mxnet_version=3), ValueError,
-     "mxnet.ftml: mxnet_version must be 1 or 2, got 3."),
+     ("mxnet.ftml: mxnet_version", "must be 1 or 2", "got 3")),
     (dict(mxnet_version=True), ValueError,
-     "mxnet.ftml: mxnet_version must be 1 or 2, got True."),
-    (dict(wd=-0.1), ValueError, "mxnet.ftml: wd must be in [0, inf), got -0.1."),
+     ("mxnet.ftml: mxnet_version", "must be 1 or 2", "got True")),
+    (dict(wd=-0.1), ValueError, ("mxnet.ftml: wd", "must be in [0, inf)", "got -0.1")),
     (dict(wd=float("inf")), ValueError,
-     "mxnet.ftml: wd must be in [0, inf), got inf."),
+     ("mxnet.ftml: wd", "must be in [0, inf)", "got inf")),
     (dict(wd=1e300), ValueError,
-     "mxnet.ftml: wd must be finite in float32 (|wd| <= 3.403e+38), got 1e+300."),
-    (dict(wd="0.1"), TypeError, "mxnet.ftml: wd must be a real number or a 0-d"),
+     ("mxnet.ftml: wd", "finite in float32", "<= 3.403e+38", "got 1e+300")),
+    (dict(wd="0.1"), TypeError, ("mxnet.ftml: wd", "real number")),
     (dict(rescale_grad=None), TypeError,
-     "mxnet.ftml: rescale_grad must be a real number or a 0-d array, got None"),
+     ("mxnet.ftml: rescale_grad", "real number or a 0-d array", "got None")),
     (dict(rescale_grad=1e39), ValueError,
-     "mxnet.ftml: rescale_grad must be finite in float32 (|rescale_grad| <="
-     " 3.403e+38), got 1e+39."),
+     ("mxnet.ftml: rescale_grad", "finite in float32", "<= 3.403e+38", "got 1e+39")),
     (dict(rescale_grad=float("inf")), ValueError,
-     "mxnet.ftml: rescale_grad must be finite in float32"),
+     ("mxnet.ftml: rescale_grad", "finite in float32")),
     (dict(rescale_grad=-float("inf")), ValueError,
-     "mxnet.ftml: rescale_grad must be finite in float32"),
-    (dict(clip_gradient="5"), TypeError, "mxnet.ftml: clip_gradient must be a"),
+     ("mxnet.ftml: rescale_grad", "finite in float32")),
+    (dict(clip_gradient="5"), TypeError,
+     ("mxnet.ftml: clip_gradient", "real number")),
     (dict(clip_gradient=1e39), ValueError,
-     "mxnet.ftml: clip_gradient must be finite in float32"),
+     ("mxnet.ftml: clip_gradient", "finite in float32")),
     (dict(epsilon=1e39), ValueError,
-     "mxnet.ftml: epsilon must be finite in float32 (|epsilon| <= 3.403e+38),"
-     " got 1e+39."),
+     ("mxnet.ftml: epsilon", "finite in float32", "<= 3.403e+38", "got 1e+39")),
     (dict(lr_mult={"w": -1.0}), ValueError,
-     "mxnet.ftml: lr_mult['w'] must be in [0, inf), got -1.0."),
+     ("mxnet.ftml: lr_mult['w']", "must be in [0, inf)", "got -1.0")),
     (dict(lr_mult=float("inf")), ValueError,
-     "mxnet.ftml: lr_mult must be in [0, inf), got inf."),
+     ("mxnet.ftml: lr_mult", "must be in [0, inf)", "got inf")),
     (dict(learning_rate=1e30, lr_mult={"w": 1e10}), ValueError,
-     "mxnet.ftml: learning_rate * lr_mult['w'] must be from 1.175e-38 to"
-     " 3.403e+37 (with b1 = 0.6), got 1e+40: outside, (1 - b1**t) /"
-     " (learning_rate * lr_mult['w']) rounds to 0 or overflows in float32"),
+     ("mxnet.ftml: learning_rate * lr_mult['w']",
+      "must be from 1.175e-38 to 3.403e+37", "(with b1 = 0.6)", "got 1e+40")),
     (dict(learning_rate=0.01, lr_mult={"w": 1e-30}), ValueError,
-     "mxnet.ftml: learning_rate * lr_mult['w'] must be at least 5.421e-20"),
+     ("mxnet.ftml: learning_rate * lr_mult['w']", "at least 5.421e-20")),
     (dict(wd_mult={"w": "x"}), TypeError,
-     "mxnet.ftml: wd_mult['w'] must be a real number or a 0-d array, got 'x'"),
+     ("mxnet.ftml: wd_mult['w']", "real number or a 0-d array", "got 'x'")),
     (dict(wd_mult={"w": float("inf")}), ValueError,
-     "mxnet.ftml: wd_mult['w'] must be in [0, inf), got inf."),
+     ("mxnet.ftml: wd_mult['w']", "must be in [0, inf)", "got inf")),
     (dict(wd=1e30, wd_mult={"w": 1e10}), ValueError,
-     "mxnet.ftml: wd * wd_mult['w'] must be finite in float32"),
-    (dict(beta1=1.2), ValueError, "mxnet.ftml: beta1 must be in [0, 1), got 1.2."),
+     ("mxnet.ftml: wd * wd_mult['w']", "finite in float32")),
+    (dict(beta1=1.2), ValueError, ("mxnet.ftml: beta1", "must be in [0, 1)",
+                                   "got 1.2")),
     (dict(beta2=1 - 1e-9), ValueError,
-     "mxnet.ftml: beta2=0.999999999 rounds to 1.0"),
+     ("mxnet.ftml: beta2", "=0.999999999", "rounds to 1.0")),
     (dict(epsilon=-1e-8), ValueError,
-     "mxnet.ftml: epsilon must be in [0, inf), got -1e-08."),
-    (dict(epsilon="1e-8"), TypeError, "mxnet.ftml: epsilon must be a real"),
+     ("mxnet.ftml: epsilon", "must be in [0, inf)", "got -1e-08")),
+    (dict(epsilon="1e-8"), TypeError,
+     ("mxnet.ftml: epsilon", "real number")),
     (dict(learning_rate=0.0), ValueError,
-     "mxnet.ftml: a constant learning_rate must be > 0"),
+     ("mxnet.ftml: a constant learning_rate", "must be > 0")),
     (dict(learning_rate=-1.0), ValueError,
-     "mxnet.ftml: learning_rate must be a positive number, got -1.0."),
+     ("mxnet.ftml: learning_rate", "positive number", "got -1.0")),
     (dict(learning_rate=jnp.array(-1.0)), ValueError,
-     "mxnet.ftml: learning_rate must be a positive number"),
+     ("mxnet.ftml: learning_rate", "positive number")),
 ])
-def test_mxnet_ftml_refuses(kwargs, error, message):
-  with refused(error, message):
+def test_mxnet_ftml_refuses(kwargs, error, fragments):
+  with refused(error, fragments):
     mxnet.ftml(**{"mxnet_version": 2, **kwargs})
 
 
@@ -223,22 +221,20 @@ def test_traced_and_injected_hyperparameters_are_bit_identical_to_floats():
 PARAMS = {"w": jnp.ones((2, 3)), "b": jnp.zeros(3)}
 
 
-@pytest.mark.parametrize("params, message", [
-    (1.0, "ftml: params is a float, not an array; pass parameters as arrays"),
-    ({"w": 2}, "ftml: params['w'] is a int, not an array"),
+@pytest.mark.parametrize("params, fragments", [
+    (1.0, ("ftml: params", "is a float", "not an array", "pass parameters as arrays")),
+    ({"w": 2}, ("ftml: params['w']", "is a int", "not an array")),
     ({"w": jnp.ones(2, jnp.float8_e4m3fn)},
-     "ftml: params['w'] has dtype float8_e4m3fn, which FTML's arithmetic does"
-     " not support; use float32, float64, bfloat16, float16, complex64 or"
-     " complex128"),
+     ("ftml: params['w']", "has dtype float8_e4m3fn",
+      "use float32, float64, bfloat16, float16, complex64 or complex128")),
     ({"w": jnp.ones(2, jnp.int32)},
-     "ftml: params['w'] has dtype int32; FTML needs floating or complex"
-     " parameters (exclude integer leaves with optax.masked"),
-    ([jnp.ones(2, bool)], "ftml: params[0] has dtype bool; FTML needs"),
+     ("ftml: params['w']", "has dtype int32", "optax.masked")),
+    ([jnp.ones(2, bool)], ("ftml: params[0]", "has dtype bool")),
 ])
 @pytest.mark.parametrize("recompute_d_prev", [False, True])
-def test_init_refuses_parameters_it_cannot_compute(params, message,
+def test_init_refuses_parameters_it_cannot_compute(params, fragments,
                                                    recompute_d_prev):
-  with refused(TypeError, message):
+  with refused(TypeError, fragments):
     ftml(recompute_d_prev=recompute_d_prev).init(params)
 
 
@@ -246,22 +242,22 @@ def test_update_refuses_integer_parameters():
   opt = ftml()
   state = opt.init(PARAMS)
   bad = dict(PARAMS, b=jnp.zeros(3, jnp.int32))
-  with refused(TypeError, "ftml: params['b'] has dtype int32"):
+  with refused(TypeError, ("ftml: params['b']", "has dtype int32")):
     opt.update(PARAMS, state, bad)
 
 
-@pytest.mark.parametrize("grads, message", [
+@pytest.mark.parametrize("grads, fragments", [
     (dict(PARAMS, b=jnp.zeros(3, jnp.complex64)),
-     "ftml: gradients['b'] has dtype complex64 for parameters of dtype float32;"
-     " gradients must be floating (complex only for complex parameters)."),
+     ("ftml: gradients['b']", "has dtype complex64",
+      "for parameters of dtype float32", "complex only for complex parameters")),
     (dict(PARAMS, b=jnp.zeros(3, jnp.int32)),
-     "ftml: gradients['b'] has dtype int32 for parameters of dtype float32"),
+     ("ftml: gradients['b']", "has dtype int32", "for parameters of dtype float32")),
     (dict(PARAMS, b=jnp.zeros(3, jnp.float8_e5m2)),
-     "ftml: gradients['b'] has dtype float8_e5m2"),
+     ("ftml: gradients['b']", "has dtype float8_e5m2")),
 ])
-def test_update_refuses_gradients_of_another_kind(grads, message):
+def test_update_refuses_gradients_of_another_kind(grads, fragments):
   opt = ftml()
-  with refused(TypeError, message):
+  with refused(TypeError, fragments):
     opt.update(grads, opt.init(PARAMS), PARAMS)
 
 
@@ -277,44 +273,45 @@ def _with(state, **replaced):
   return state._replace(**replaced)
 
 
-@pytest.mark.parametrize("change, error, message", [
+@pytest.mark.parametrize("change, error, fragments", [
     (lambda s: tuple(s), TypeError,
-     "ftml: state must be the FTMLState that init returns (with"
-     " recompute_d_prev=False), got tuple."),
+     ("ftml: state", "FTMLState", "recompute_d_prev=False", "got tuple")),
     (lambda s: FTMLLeanState(s.count, s.v, s.z, jnp.zeros([])), TypeError,
-     "ftml: state must be the FTMLState that init returns"),
+     ("ftml: state", "FTMLState")),
     (lambda s: _with(s, v=dict(s.v, w=jnp.zeros((2, 3), jnp.int32))), TypeError,
-     "ftml: state.v['w'] has dtype int32 where init makes float32 for float32"
-     " parameters: a state for other parameters or another state_dtype?"),
+     ("ftml: state.v['w']", "has dtype int32", "where init makes float32",
+      "for float32 parameters", "a state for other parameters or another state_dtype")),
     (lambda s: _with(s, z=dict(s.z, b=jnp.zeros(3, bool))), TypeError,
-     "ftml: state.z['b'] has dtype bool where init makes float32"),
+     ("ftml: state.z['b']", "has dtype bool", "where init makes float32")),
     (lambda s: _with(s, d_prev=dict(s.d_prev, b=jnp.zeros(3, jnp.bfloat16))),
-     TypeError, "ftml: state.d_prev['b'] has dtype bfloat16 where init makes"),
+     TypeError, ("ftml: state.d_prev['b']", "has dtype bfloat16")),
     (lambda s: _with(s, v=dict(s.v, b=jnp.zeros(3, jnp.float8_e4m3fn))),
-     TypeError, "ftml: state.v['b'] has dtype float8_e4m3fn"),
+     TypeError, ("ftml: state.v['b']", "has dtype float8_e4m3fn")),
     (lambda s: _with(s, count=jnp.zeros(3, jnp.int32)), TypeError,
-     "ftml: state.count must be an int32 scalar, got int32 of shape (3,)."),
+     ("ftml: state.count", "int32 scalar", "got int32", "of shape (3,)")),
     (lambda s: _with(s, count=jnp.zeros([], jnp.float32)), TypeError,
-     "ftml: state.count must be an int32 scalar, got float32 of shape ()."),
+     ("ftml: state.count", "int32 scalar", "got float32", "of shape ()")),
     (lambda s: _with(s, count=jnp.asarray(-5, jnp.int32)), ValueError,
-     "ftml: state.count must be >= 0, got -5."),
+     ("ftml: state.count", "must be >= 0", "got -5")),
 ])
-def test_update_refuses_a_state_init_does_not_make(change, error, message):
+def test_update_refuses_a_state_init_does_not_make(change, error,
+                                                  fragments):
   opt = ftml()
   state = change(opt.init(PARAMS))
-  with refused(error, message):
+  with refused(error, fragments):
     opt.update(PARAMS, state, PARAMS)
 
 
 def test_lean_update_refuses_a_state_init_does_not_make():
   opt = ftml(recompute_d_prev=True)
   state = opt.init(PARAMS)
-  with refused(TypeError, "ftml: state must be the FTMLLeanState that init"
-               " returns (with recompute_d_prev=True), got FTMLState."):
+  with refused(TypeError, ("ftml: state", "FTMLLeanState", "recompute_d_prev=True",
+                           "got FTMLState")):
     opt.update(PARAMS, FTMLState(state.count, state.v, state.z, state.v),
                PARAMS)
-  with refused(TypeError, "ftml: state.prev_learning_rate must be a scalar of"
-               " dtype float32, got float32 of shape (2,)."):
+  with refused(TypeError, ("ftml: state.prev_learning_rate",
+                           "must be a scalar of dtype float32", "got float32",
+                           "of shape (2,)")):
     opt.update(PARAMS, state._replace(prev_learning_rate=jnp.zeros(2)), PARAMS)
 
 
@@ -333,14 +330,14 @@ def test_a_state_of_other_dtypes_is_refused(state_dtype):
   half = jax.tree.map(lambda p: p.astype(jnp.bfloat16), PARAMS)
   state = ftml().init(half)
   if state_dtype is None:
-    with refused(TypeError, "ftml: state.v['b'] has dtype bfloat16 where init"
-                 " makes float32 for float32 parameters"):
+    with refused(TypeError, ("ftml: state.v['b']", "has dtype bfloat16",
+                             "where init makes float32", "for float32 parameters")):
       ftml().update(PARAMS, state, PARAMS)
   else:
     ftml(state_dtype=state_dtype).update(half, ftml(
         state_dtype=state_dtype).init(half), half)
-    with refused(TypeError, "ftml: state.v['b'] has dtype bfloat16 where init"
-                 " makes float32 for bfloat16 parameters"):
+    with refused(TypeError, ("ftml: state.v['b']", "has dtype bfloat16",
+                             "where init makes float32", "for bfloat16 parameters")):
       ftml(state_dtype=state_dtype).update(half, state, half)
 
 

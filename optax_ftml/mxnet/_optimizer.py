@@ -40,7 +40,7 @@ def _as_operator_parameter(value: Any) -> Any:
 
 def _static(value: Any, name: str, static_arg: str | None = None) -> float:
   """A hyperparameter that shapes the chain: a concrete number, not traced."""
-  number = _validation.real_scalar(value, name, _CALLER)
+  number = _validation.real_scalar_unless_traced(value, name, _CALLER)
   if number is None:
     raise TypeError(
         f"{_CALLER}: {name} must be a concrete number, not traced: "
@@ -51,7 +51,7 @@ def _static(value: Any, name: str, static_arg: str | None = None) -> float:
 def _traceable(value: Any, name: str) -> Any:
   """``wd`` or ``rescale_grad``, which may be traced (``inject_hyperparams``):
   checked where concrete, rounded to float32 later (after ``wd_mult``)."""
-  number = _validation.real_scalar(value, name, _CALLER)
+  number = _validation.real_scalar_unless_traced(value, name, _CALLER)
   if number is None:
     return value
   if name == "wd":
@@ -146,7 +146,7 @@ def _multiplier_pairs(lr_mult: Any, wd_mult: Any, learning_rate: Any,
   pairs = list(zip(checked(lr_mult, "lr_mult"), checked(wd_mult, "wd_mult"),
                    strict=True))
   beta1, beta2, epsilon = hyperparameters
-  concrete_wd = _validation.real_scalar(wd, "wd", _CALLER)
+  concrete_wd = _validation.real_scalar_unless_traced(wd, "wd", _CALLER)
   for path, (lr_multiplier, wd_multiplier) in zip(paths, pairs, strict=True):
     where = jax.tree_util.keystr(path)
     # The products, as the operator receives them.
