@@ -241,9 +241,10 @@ def guide_program(tmp_path):
 
 
 def assert_trained(output, processes, directory):
+  # Not anchored: the processes' lines can interleave mid-line.
   for index in range(processes):
-    assert re.search(rf"^process {index} of {processes}: loss \d", output,
-                     re.M), output[-3000:]
+    assert re.search(rf"process {index} of {processes}: loss \d", output), (
+        output[-3000:])
   # One checkpoint, in the shared default directory.
   assert (directory / "checkpoint").is_dir(), sorted(directory.iterdir())
 
