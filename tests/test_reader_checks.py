@@ -1,0 +1,325 @@
+"""One test per check of the MXNet file readers, each failing without its
+check or with its bound moved by one (tests/mutate_readers.py runs them
+against such changes): files built here byte by byte."""
+
+import io
+import math
+import pickle
+import struct
+import zipfile
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+from optax_ftml import mxnet
+
+try:
+  from optax_ftml.mxnet._records import RecordFields
+except ImportError:  # before the records had their own module
+  from optax_ftml.mxnet._pickle import RecordFields  # pyright: ignore
+
+P4 = b"\x80\x04"
+FTML = b"\x8c\x19mxnet.optimizer.optimizer\x8c\x04FTML\x93"
+NDARRAY = b"\x8c\x15mxnet.ndarray.ndarray\x8c\x07NDArray\x93"
+V1, V2, V3 = 0xF993FAC8, 0xF993FAC9, 0xF993FACA
+# mshadow's type flags (include/mshadow/base.h: kFloat32 = 0 ... kBfloat16 = 12).
+MSHADOW_FLAGS = {
+    0: "float32", 1: "float64", 2: "float16", 3: "uint8", 4: "int32",
+    5: "int8", 6: "int64", 7: "bool", 8: "int16", 9: "uint16", 10: "uint32",
+    11: "uint64", 12: "bfloat16"}
+
+
+def states(*opcodes: bytes) -> bytes:
+  """A protocol 4 pickle of ``{0: <what the opcodes push>}``."""
+  return P4 + b"}K\x00" + b"".join(opcodes) + b"s."
+
+
+def read_states(data: bytes):
+  return mxnet.read_trainer_states(data).states
+
+
+def refused(data: bytes, match: str | None = None, reader=None):
+  with pytest.raises(mxnet.FileError, match=match):
+    (reader or mxnet.read_trainer_states)(data)
+
+
+# --- Opcodes and protocols ---------------------------------------------------
+
+def test_only_protocols_2_to_4_read():
+  for protocol in (2, 3, 4):
+    assert read_states(bytes([0x80, protocol]) + b"}.") == {}
+  for protocol in (0, 1, 5):
+    refused(bytes([0x80, protocol]) + b"}.", "protocol 2 to 4")
+  refused(b"}.", "protocol 2 to 4")  # no PROTO at all
+
+
+@pytest.mark.parametrize("opcode", [
+    pytest.param(b"\x8b\x01\x00\x00\x00\x01", id="LONG4"),
+    pytest.param(b"\x8f", id="EMPTY_SET"),
+    pytest.param(b"\x91", id="FROZENSET"),
+    pytest.param(b"(\x90", id="ADDITEMS"),
+    pytest.param(b"I1\n", id="INT"),
+    pytest.param(b"F1.0\n", id="FLOAT"),
+    pytest.param(b"S'a'\n", id="STRING"),
+    pytest.param(b"Va\n", id="UNICODE"),
+    pytest.param(b"U\x01a", id="SHORT_BINSTRING"),
+    pytest.param(b"(l", id="LIST"),
+    pytest.param(b"(d", id="DICT"),
+    pytest.param(b"\x82\x01", id="EXT1"),
+    pytest.param(b"\x96\x00\x00\x00\x00\x00\x00\x00\x00", id="BYTEARRAY8"),
+])
+def test_opcodes_mxnet_never_writes_are_refused(opcode):
+  refused(states(opcode), "opcode")
+
+
+def test_a_pickle_must_end_with_one_object_and_no_open_mark():
+  assert read_states(states(b"]")) == {0: []}
+  refused(P4 + b"}(.", "one object")  # an open MARK above the dict
+  refused(P4 + b"}]." , "one object")  # two objects
+  refused(P4 + b"}K\x00]s", "truncated")  # no STOP
+  refused(states(b"]") + b"N", "after the pickle's end")
+
+
+def test_marks_bound_what_pops_can_reach():
+  refused(P4 + b"}K\x00(s.", "underflow")  # SETITEM below the mark
+  refused(P4 + b"]e.", "no mark")  # APPENDS without MARK
+  assert read_states(P4 + b"}(K\x00]K\x01]u.") == {0: [], 1: []}
+
+
+def test_memo_indices_come_in_order_and_are_set_before_use():
+  assert read_states(P4 + b"}q\x00K\x00]q\x01s.") == {0: []}
+  refused(P4 + b"}q\x00K\x00]q\x00s.", "out of order")  # index 0 again
+  refused(P4 + b"}q\x01.", "out of order")  # skipping index 0
+  refused(P4 + b"}K\x00h\x00s.")  # a GET of what is being built: itself
+  refused(P4 + b"}K\x00h\x01s.", "never set")
+
+
+def test_integers_are_at_most_64_bits():
+  eight = (2**63 - 1).to_bytes(8, "little", signed=True)
+  assert read_states(states(b"\x8a\x08" + eight)) == {0: 2**63 - 1}
+  refused(states(b"\x8a\x09" + b"\x01" * 9), "64 bits")
+
+
+def test_dict_keys_are_integers_or_strings():
+  assert read_states(states(b"}\x8c\x01aK\x01s")) == {0: {"a": 1}}
+  refused(P4 + b"}K\x00}\x88K\x01ss.", "key of type bool")
+  refused(P4 + b"}K\x00}NK\x01ss.", "key of type NoneType")
+  refused(P4 + b"}\x8c\x01aK\x01s.", "integer indices")  # the states' keys
+
+
+# --- Records -----------------------------------------------------------------
+
+def test_a_record_state_is_a_dict_of_string_attribute_names():
+  record = read_states(states(FTML, b")\x81}\x8c\x01aK\x01sb"))[0]
+  assert record.class_name == "FTML" and record.attributes == {"a": 1}
+  refused(states(FTML, b")\x81}K\x01K\x01sb"), "dict of attributes")
+  refused(states(FTML, b")\x81]b"), "dict of attributes")
+  refused(states(FTML, b")\x81"), "without its state")
+
+
+def test_bytes_derived_from_text_are_charged_to_the_budget():
+  """``_codecs.encode`` makes new bytes from a memoised string each time."""
+  text = "x" * 10_000
+  encode = b"\x8c\x07_codecs\x8c\x06encode\x93\x94"
+  argument = (b"X" + struct.pack("<I", len(text)) + text.encode() + b"\x94"
+              + b"\x8c\x06latin1\x94\x86\x94")
+  def copies(n):
+    calls = encode + argument + b"R" + b"h\x00h\x03R" * (n - 1)
+    return states(b"(", calls, b"t")
+  assert read_states(copies(1))[0] == (text.encode(),)
+  refused(copies(100), "budget|more than once")
+
+
+def test_only_bytes_are_copied_by_bytearray_and_encode():
+  assert read_states(pickle.dumps({0: bytearray(b"ab")}, 2)) == {0: b"ab"}
+  refused(states(b"\x8c\x08builtins\x8c\tbytearray\x93K\x01\x85R"), "bytearray of int")
+  refused(states(b"\x8c\x07_codecs\x8c\x06encode\x93\x8c\x01a\x8c\x05ascii\x86R"))
+  refused(states(b"\x8c\x07_codecs\x8c\x06encode\x93\x8c\x02\xc4\x80"
+                 b"\x8c\x06latin1\x86R"), "latin-1")
+
+
+# --- Bounds ------------------------------------------------------------------
+
+def nested_lists(depth: int) -> bytes:
+  return states(b"]" * depth + b"a" * (depth - 1))
+
+
+def test_objects_nest_at_most_32_deep():
+  # The states dict is the first level, so 31 lists inside it are 32 levels.
+  value = read_states(nested_lists(31))[0]
+  for _ in range(30):
+    value = value[0]
+  assert value == []
+  refused(nested_lists(32), "deeper than 32")
+
+
+def test_an_object_containing_itself_is_refused():
+  refused(P4 + b"}K\x00]\x94h\x00as.", "contains itself")
+
+
+# --- Arrays ------------------------------------------------------------------
+
+def array_record(shape, flag=0, magic=V2, data=None, ndim=None):
+  dtype = np.dtype(ml_dtypes.bfloat16 if flag == 12 else MSHADOW_FLAGS[flag])
+  data = bytes(math.prod(shape) * dtype.itemsize) if data is None else data
+  return (struct.pack("<IIi", magic, 0, len(shape) if ndim is None else ndim)
+          + struct.pack(f"<{len(shape)}q", *shape) + struct.pack("<iii", 1, 0, flag)
+          + data)
+
+
+def params(*records: bytes) -> bytes:
+  return (struct.pack("<QQQ", 0x112, 0, len(records)) + b"".join(records)
+          + struct.pack("<Q", 0))
+
+
+@pytest.mark.parametrize("flag", sorted(MSHADOW_FLAGS))
+def test_dtype_flags_are_mshadows(flag):
+  expected = (np.dtype(ml_dtypes.bfloat16) if flag == 12
+              else np.dtype(MSHADOW_FLAGS[flag]))
+  values = np.arange(3).astype(expected)
+  (array,) = mxnet.read_params(params(array_record((3,), flag,
+                                                   data=values.tobytes())))
+  assert array.dtype == expected
+  assert array.tobytes() == values.tobytes()
+
+
+def test_unknown_dtype_flags_are_refused():
+  for flag in (-1, 13):
+    data = params(array_record((1,), 0)).replace(
+        struct.pack("<iii", 1, 0, 0), struct.pack("<iii", 1, 0, flag))
+    refused(data, "dtype flag", mxnet.read_params)
+
+
+def test_array_magics():
+  (v2,) = mxnet.read_params(params(array_record((2,), magic=V2)))
+  (v3,) = mxnet.read_params(params(array_record((2,), magic=V3)))
+  assert v2.shape == v3.shape == (2,)
+  refused(params(array_record((2,), magic=V1)), "legacy", mxnet.read_params)
+  refused(params(array_record((2,), magic=V3 + 1)), "magic", mxnet.read_params)
+
+
+def test_no_dims_are_an_unset_array_in_2x_and_a_scalar_under_numpy_shapes():
+  (scalar,) = mxnet.read_params(params(array_record((), magic=V3)))
+  assert scalar.shape == () and scalar.dtype == np.float32
+  refused(params(array_record((), magic=V2)), "unset", mxnet.read_params)
+  unset_v3 = params(array_record((), magic=V3, ndim=-1))
+  refused(unset_v3, "unset", mxnet.read_params)
+
+
+def test_array_data_is_exactly_what_its_shape_needs():
+  assert mxnet.read_params(params(array_record((2, 3))))[0].shape == (2, 3)
+  short = params(array_record((2, 3), data=bytes(23)))
+  refused(short, "corrupted", mxnet.read_params)
+  refused(params(array_record((2, 3), data=bytes(25))), "corrupted",
+          mxnet.read_params)
+
+
+def test_sparse_storage_is_refused():
+  for storage, name in ((1, "row_sparse"), (2, "csr"), (3, "storage type 3")):
+    data = params(array_record((2,))).replace(
+        struct.pack("<IIi", V2, 0, 1), struct.pack("<IiI", V2, storage, 1))
+    refused(data, name, mxnet.read_params)
+
+
+def test_shapes_numpy_can_hold():
+  (empty,) = mxnet.read_params(params(array_record((0, 5))))
+  assert empty.shape == (0, 5)
+  refused(params(array_record((-1, 2), data=b"")), "negative",
+          mxnet.read_params)
+  refused(params(array_record((2**31, 2**31, 2**2), data=b"")), "too many",
+          mxnet.read_params)
+  refused(params(array_record((1,) * 65)), "ndim 65", mxnet.read_params)
+  (many,) = mxnet.read_params(params(array_record((1,) * 32)))
+  assert many.ndim == 32
+
+
+def test_a_list_file_has_no_names_or_one_per_array():
+  one = params(array_record((1,)))
+  assert len(mxnet.read_params(one)) == 1
+  named = one[:-8] + struct.pack("<QQ", 1, 1) + b"w"
+  assert list(mxnet.read_params(named)) == ["w"]
+  refused(one[:-8] + struct.pack("<QQ", 1, 1) + b"\xff", "UTF-8",
+          mxnet.read_params)
+
+
+# --- NumPy archives ------------------------------------------------------------
+
+def npz(**members: bytes) -> bytes:
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w") as archive:
+    for name, data in members.items():
+      archive.writestr(name + ".npy", data)
+  return buffer.getvalue()
+
+
+def npy(array: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  np.save(buffer, array)
+  return buffer.getvalue()
+
+
+def test_npy_data_is_exactly_what_its_shape_needs():
+  member = npy(np.arange(6, dtype=np.float32).reshape(2, 3))
+  assert mxnet.read_params(npz(w=member))["w"].shape == (2, 3)
+  refused(npz(w=member + b"\0"), "bytes of data", mxnet.read_params)
+  refused(npz(w=member[:-1]), "bytes of data", mxnet.read_params)
+
+
+def test_npy_fortran_order_is_honoured():
+  values = np.arange(6, dtype=np.float32).reshape(2, 3)
+  read = mxnet.read_params(npz(w=npy(np.asfortranarray(values))))["w"]
+  np.testing.assert_array_equal(read, values)
+
+
+def test_npy_dtypes_are_mxnets_little_endian_ones():
+  assert mxnet.read_params(npz(w=npy(np.zeros(2, "<i2"))))["w"].dtype == np.int16
+  refused(npz(w=npy(np.zeros(2, ">f4"))), "unsupported dtype", mxnet.read_params)
+  refused(npz(w=npy(np.zeros(2, np.complex64))), "unsupported dtype",
+          mxnet.read_params)
+
+
+def test_npz_members_are_stored_npy_files_with_distinct_names():
+  member = npy(np.zeros(2, np.float32))
+  buffer = io.BytesIO()
+  with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+    archive.writestr("w.npy", member)
+  refused(buffer.getvalue(), "compressed", mxnet.read_params)
+  refused(npz(**{"w": member, "v.txt": b""}).replace(b"v.txt.npy", b"v.txt.np_"),
+          "other than .npy", mxnet.read_params)
+  assert mxnet.read_params(npz()) == {}
+
+
+# --- Record fields --------------------------------------------------------------
+
+def fields(**attributes):
+  return RecordFields(mxnet.PickledObject("mxnet.optimizer.optimizer.FTML",
+                                          attributes))
+
+
+def test_record_reals_are_finite_and_in_their_closed_range():
+  f = fields(x=1.0, inf=math.inf, nan=math.nan, big=2**64, flag=True, s="1")
+  assert f.real("x", 0.0, 1.0) == 1.0  # the upper bound is closed
+  assert f.real("x", 1.0) == 1.0  # so is the lower, unless open
+  with pytest.raises(mxnet.FileError, match="x"):
+    f.real("x", 1.0, low_open=True)
+  with pytest.raises(mxnet.FileError):
+    f.real("x", 0.0, 0.5)
+  for key in ("inf", "nan", "big", "flag", "s"):
+    with pytest.raises(mxnet.FileError, match=key):
+      f.real(key)
+  with pytest.raises(mxnet.FileError, match="lacks the attribute"):
+    f.real("missing")
+
+
+def test_record_counts_are_int32_and_types_exact():
+  f = fields(n=2**31 - 1, big=2**31, negative=-1, flag=True, d={})
+  assert f.count("n") == 2**31 - 1
+  for key in ("big", "negative", "flag"):
+    with pytest.raises(mxnet.FileError, match=key):
+      f.count(key)
+  assert f.count("negative", low=-1) == -1
+  assert f.of_type("d", dict) == {}
+  assert f.of_type("absent", dict, default=None) is None
+  with pytest.raises(mxnet.FileError, match="a dict"):
+    f.of_type("n", dict)
