@@ -5,6 +5,7 @@ against such changes): files built here byte by byte."""
 import io
 import math
 import pickle
+import pickletools
 import struct
 import zipfile
 
@@ -118,17 +119,43 @@ def test_a_record_state_is_a_dict_of_string_attribute_names():
   refused(states(FTML, b")\x81"), "without its state")
 
 
-def test_bytes_derived_from_text_are_charged_to_the_budget():
-  """``_codecs.encode`` makes new bytes from a memoised string each time."""
-  text = "x" * 10_000
-  encode = b"\x8c\x07_codecs\x8c\x06encode\x93\x94"
-  argument = (b"X" + struct.pack("<I", len(text)) + text.encode() + b"\x94"
-              + b"\x8c\x06latin1\x94\x86\x94")
-  def copies(n):
-    calls = encode + argument + b"R" + b"h\x00h\x03R" * (n - 1)
-    return states(b"(", calls, b"t")
-  assert read_states(copies(1))[0] == (text.encode(),)
-  refused(copies(100), "budget|more than once")
+def encoded_copies(copies: int, text_length: int, padding: int = 0) -> bytes:
+  """``copies`` bytes made by ``_codecs.encode`` from one memoised string,
+  in a tuple after ``padding`` characters of an unrelated string."""
+  encode = b"\x8c\x07_codecs\x8c\x06encode\x93\x94"  # memo 0
+  text = b"X" + struct.pack("<I", text_length) + b"x" * text_length + b"\x94"
+  latin1 = b"\x8c\x06latin1\x94\x86\x94"  # memo 1, 2 (the arguments: 3)
+  calls = encode + text + latin1 + b"R" + b"h\x00h\x03R" * (copies - 1)
+  pad = b"X" + struct.pack("<I", padding) + b"p" * padding
+  return states(b"(", pad, calls, b"t")
+
+
+def test_bytes_derived_from_text_are_at_most_twice_the_file():
+  """Three copies of a string's bytes fit exactly when the file is 1.5 times
+  the string; one byte less and they do not."""
+  length = 10_000
+  base = len(encoded_copies(3, length))
+  padding = 3 * length // 2 - base
+  fits = encoded_copies(3, length, padding)
+  assert 2 * len(fits) == 3 * length
+  assert read_states(fits)[0][1:] == (b"x" * length,) * 3
+  refused(encoded_copies(3, length, padding - 1), "more than once|budget")
+  refused(encoded_copies(100, length), "more than once|budget")
+
+
+def ndarray_copies(copies: int) -> bytes:
+  """``copies`` NDArrays decoded from one memoised handle."""
+  handle = array_record((64,))
+  first = (NDARRAY + b"\x94N\x85R}\x8c\x06handleB" + struct.pack("<I", len(handle))
+           + handle + b"\x94sb")  # memo 0, 1: the class and the handle
+  again = b"h\x00N\x85R}\x8c\x06handleh\x01sb"
+  return states(b"(", first, again * (copies - 1), b"t")
+
+
+def test_array_data_decoded_is_charged_to_the_budget():
+  (array,) = read_states(ndarray_copies(1))[0]
+  assert array.shape == (64,)
+  refused(ndarray_copies(200), "more than once|budget")
 
 
 def test_only_bytes_are_copied_by_bytearray_and_encode():
@@ -152,6 +179,23 @@ def test_objects_nest_at_most_32_deep():
     value = value[0]
   assert value == []
   refused(nested_lists(32), "deeper than 32")
+
+
+def fanned_out(pad: int) -> bytes:
+  """{0: T2}, T2 a tuple of 10 references to T1, T1 of 40 references to one
+  empty list: 412 elements as a tree; ``pad`` MEMOIZE opcodes after it."""
+  first = b"(" + b"]\x94" + b"h\x00" * 39 + b"t\x94"  # memo 0, 1
+  return (P4 + b"}K\x00" + b"(" + first + b"h\x01" * 9 + b"t" + b"\x94" * pad
+          + b"s.")
+
+
+def test_shared_references_expand_to_at_most_4_elements_per_opcode():
+  opcodes = sum(1 for _ in pickletools.genops(fanned_out(0)))
+  pad = 412 // 4 - opcodes
+  assert sum(1 for _ in pickletools.genops(fanned_out(pad))) * 4 == 412
+  tree = read_states(fanned_out(pad))[0]
+  assert len(tree) == 10 and tree[0] is tree[9] and len(tree[0]) == 40
+  refused(fanned_out(pad - 1), "expand to more than|budget")
 
 
 def test_an_object_containing_itself_is_refused():
