@@ -6,14 +6,21 @@ subprocess; the longer fuzz run is
 
 Each input prints one JSON line: its name, size, outcome ("read", or the
 exception's class), message, seconds and (for named cases) the peak of
-Python's allocations. The process exits 1 if any outcome is neither a read nor
-an optax_ftml.mxnet.FileError.
+Python's allocations, the CPU seconds and the growth of the resident set
+(its high-water mark, reset before each case). The process exits 1 if any
+outcome is neither a read nor an optax_ftml.mxnet.FileError.
+
+  python tests/hostile_files.py paths
+
+reads paths that are not regular files (a FIFO, a directory, a device, a
+symbolic link to a FIFO, a file of /proc) the same way.
 """
 
 import argparse
 import copyreg
 import io
 import json
+import os
 import pathlib
 import pickle
 import pickletools
@@ -21,9 +28,11 @@ import random
 import resource
 import struct
 import sys
+import tempfile
 import time
 import tracemalloc
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -144,18 +153,101 @@ def npy(array, shape=None):
   return buffer.getvalue() + array.tobytes()
 
 
+def local_header(name, data, flags=0, method=0, crc=None, sizes=None,
+                 extra=b""):
+  """A zip local file header (APPNOTE.TXT 4.3.7) for ``data``."""
+  crc = zlib.crc32(data) if crc is None else crc
+  packed, size = (len(data), len(data)) if sizes is None else sizes
+  return struct.pack("<4sHHHIIIIHH", b"PK\x03\x04", 20, flags, method, 0, crc,
+                     packed, size, len(name), len(extra)) + name + extra
+
+
+def central_entry(name, data, offset, flags=0, method=0, crc=None, sizes=None,
+                  extra=b""):
+  """A zip central directory entry (APPNOTE.TXT 4.3.12) for ``data``."""
+  crc = zlib.crc32(data) if crc is None else crc
+  packed, size = (len(data), len(data)) if sizes is None else sizes
+  return struct.pack("<4sHHHHIIIIHHHHHII", b"PK\x01\x02", 20, 20, flags,
+                     method, 0, crc, packed, size, len(name), len(extra), 0, 0,
+                     0, 0, offset) + name + extra
+
+
+def end_record(count, cd_size, cd_offset, comment=b""):
+  return struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, count, count, cd_size,
+                     cd_offset, len(comment)) + comment
+
+
+def zip_archive(body, entries, **end):
+  """``body`` (the members), then the central directory ``entries``."""
+  directory = b"".join(entries)
+  return body + directory + end_record(len(entries), len(directory), len(body),
+                                       **end)
+
+
+def stored_zip(members):
+  """A zip of stored (name, data) members, as written by the functions above
+  (each piece can be replaced to make a damaged one)."""
+  body, entries = b"", []
+  for name, data in members:
+    entries.append(central_entry(name, data, len(body)))
+    body += local_header(name, data) + data
+  return zip_archive(body, entries)
+
+
+def shared_member_npz(entries, distinct_names=False):
+  """One stored 1 MiB member, named by ``entries`` central directory entries
+  that all point at it."""
+  data = npy(np.zeros(1 << 18, np.float32))
+  body = local_header(b"w.npy", data) + data
+  names = [b"w%d.npy" % i if distinct_names and i else b"w.npy"
+           for i in range(entries)]
+  return zip_archive(body, [central_entry(n, data, 0) for n in names])
+
+
+def zip64_member_npz(entries):
+  """One stored ~1 MiB member with zip64 sizes, its central directory entry
+  repeated ``entries`` times under the same name."""
+  data = npy(np.zeros(1 << 18, np.float32))
+  wide = (0xFFFFFFFF, 0xFFFFFFFF)
+  extra = struct.pack("<HHQQ", 1, 16, len(data), len(data))
+  body = local_header(b"w.npy", data, sizes=wide, extra=extra) + data
+  entry = central_entry(b"w.npy", data, 0, sizes=wide, extra=extra)
+  return zip_archive(body, [entry] * entries)
+
+
+def nested_member_npz():
+  """Two members with distinct names and valid CRCs whose bytes overlap: the
+  second's local header and data lie inside the first's data."""
+  inner_data = npy(np.zeros(4, np.float32))
+  inner = local_header(b"b.npy", inner_data) + inner_data
+  outer_data = npy(np.frombuffer(inner, np.uint8))
+  inner_at = len(local_header(b"a.npy", outer_data)) + len(outer_data) - len(
+      inner)
+  body = local_header(b"a.npy", outer_data) + outer_data
+  return zip_archive(body, [central_entry(b"a.npy", outer_data, 0),
+                            central_entry(b"b.npy", inner_data, inner_at)])
+
+
+def global_named(module, name):
+  """A states file naming the global ``module``.``name`` (STACK_GLOBAL)."""
+  def string(text):
+    raw = text.encode("utf-8", "surrogatepass")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+  return PROTO4 + b"}K\x00" + string(module) + string(name) + b"\x93s."
+
+
 STATES = (FIXTURES / "gluon" / "trainer.states").read_bytes()
 
+BUDGET = "budget of 32 bytes per byte"
 # name -> (reader, bytes or a function making them, message expected).
 CASES = {
     "deep tuple key": ("states", lambda: PROTO4 + b"})" + b"\x85" * 200_000
-                       + b"K\x00s.", "dict key of type tuple"),
+                       + b"K\x00s.", BUDGET),
     "memo index 2**28": ("states", lambda: PROTO4 + b"}r\x00\x00\x00\x10.",
                          "memo index 268435456 out of order"),
     "memo index 2**27": ("states", lambda: PROTO4 + b"}r\x00\x00\x00\x08.",
                          "memo index 134217728 out of order"),
-    "shared lists, depth 30": ("states", lambda: shared_lists(30),
-                               "expand to more than"),
+    "shared lists, depth 30": ("states", lambda: shared_lists(30), BUDGET),
     "shared lists, depth 40": ("states", lambda: shared_lists(40),
                                "nested deeper than 32"),
     "shared tuple key, depth 40": ("states", lambda: shared_tuple_key(40),
@@ -164,12 +256,34 @@ CASES = {
                   "opcode FROZENSET"),
     "shared records, depth 60": ("states", lambda: shared_records(60),
                                  "nested deeper than 32"),
-    "shared records, depth 14": ("states", lambda: shared_records(14),
-                                 "expand to more than"),
+    "shared records, depth 14": ("states", lambda: shared_records(14), BUDGET),
     "one blob, 3000 NDArrays": ("states", lambda: blob_copies(3000, "ndarray"),
-                                "used more than once"),
+                                BUDGET),
     "one blob, 3000 bytearrays": ("states", lambda: blob_copies(3000, "bytes"),
-                                  None),
+                                  BUDGET),
+    "an escape-decoded STRING argument": (
+        "states", lambda: PROTO4 + b"}K\x00S'\\q'\ns.", "opcode STRING (0x53)"),
+    "a text integer of 200,000 digits": (
+        "states", lambda: PROTO4 + b"}K\x00I" + b"9" * 200_000 + b"\ns.",
+        "opcode INT (0x49)"),
+    "a BINUNICODE declaring 2**32-1 bytes": (
+        "states", lambda: PROTO4 + b"}K\x00X\xff\xff\xff\xffabcs.",
+        "declares 4294967295 bytes"),
+    "300,000 empty lists": ("states", lambda: PROTO4 + b"}K\x00]("
+                            + b"]" * 300_000 + b"es.", BUDGET),
+    "258,240 memoised empty lists": ("states", lambda: PROTO4 + b"}K\x00]("
+                                     + b"]\x94" * 258_240 + b"es.", BUDGET),
+    "300,000 empty dicts": ("states", lambda: PROTO4 + b"}K\x00]("
+                            + b"}" * 300_000 + b"es.", BUDGET),
+    "a 100 kB string 1,000 times": ("states", lambda: PROTO4 + b"}K\x00]("
+                                    + b"X" + struct.pack("<I", 100_000)
+                                    + b"x" * 100_000 + b"\x94"
+                                    + b"h\x00" * 999 + b"es.", BUDGET),
+    "a class name of 400 escapes": (
+        "states", lambda: global_named("\x1b[2J\n\u202e" * 100, "FTML"),
+        "refused to load '\\x1b[2J\\n\\u202e"),
+    "a class name with a lone surrogate": (
+        "states", lambda: global_named("mxnet\udc80", "FTML"), "is not UTF-8"),
     "BUILD on bytearray": ("states", lambda: PROTO4 + b"cbuiltins\nbytearray\n"
                            b"(N}(\x8c\x0c__defaults__C\x05PWNED\x85utb0}.",
                            "BUILD on a _Global"),
@@ -207,9 +321,18 @@ CASES = {
                                     "is not a NumPy array"),
     "npz: object dtype header": ("params", lambda: npz(
         [("w.npy", npy(np.zeros(2, np.float32)).replace(b"'<f4'", b"'|O' "))]),
-                                 "unsupported dtype object"),
+                                 "unsupported dtype 'object'"),
     "npz: duplicate names": ("params", lambda: npz(
         [("w.npy", npy(np.zeros(2, np.float32)))] * 2), "duplicate names"),
+    "npz: 3,000 entries over one 1 MiB member": (
+        "params", lambda: shared_member_npz(3000), "overlaps the one before"),
+    "npz: 3,000 names over one 1 MiB member": (
+        "params", lambda: shared_member_npz(3000, distinct_names=True),
+        "overlaps the one before"),
+    "npz: one zip64 member under 1,500 entries": (
+        "params", lambda: zip64_member_npz(1500), "overlaps the one before"),
+    "npz: a member inside another's data": (
+        "params", nested_member_npz, "overlaps the one before"),
     "npz: another file": ("params", lambda: npz([("w.txt", b"")]),
                           "other than .npy"),
 }
@@ -230,21 +353,39 @@ def state_of_the_library():
   return state
 
 
-def run_one(name, reader, data, measure):
-  if measure:
-    tracemalloc.start()
-  start = time.perf_counter()
+def resident_bytes(field):
+  """VmRSS (now) or VmHWM (the high-water mark) of this process."""
+  status = pathlib.Path("/proc/self/status").read_text()
+  return int(status.split(f"{field}:")[1].split()[0]) * 1024
+
+
+def read_once(reader, data):
   try:
     READERS[reader](data)
-    outcome, message = "read", ""
+    return "read", ""
   except Exception as e:  # every other outcome is reported, then fails
-    outcome, message = type(e).__name__, str(e)[:300]
-  seconds = time.perf_counter() - start
-  peak = tracemalloc.get_traced_memory()[1] if measure else None
+    return type(e).__name__, str(e)[:2000]
+
+
+def run_one(name, reader, data, measure):
+  """One input: its outcome and wall-clock seconds; measured, also its CPU
+  seconds and resident-set growth (a run of its own, the high-water mark
+  reset first), then the peak of Python's allocations (under tracemalloc)."""
+  result = {"name": name, "size": len(data)}
+  if measure:
+    pathlib.Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM
+    before, cpu = resident_bytes("VmRSS"), time.process_time()
+    read_once(reader, data)
+    result["cpu_seconds"] = round(time.process_time() - cpu, 4)
+    result["resident_growth"] = max(0, resident_bytes("VmHWM") - before)
+    tracemalloc.start()
+  start = time.perf_counter()
+  result["outcome"], result["message"] = read_once(reader, data)
+  result["seconds"] = round(time.perf_counter() - start, 4)
+  result["peak_bytes"] = tracemalloc.get_traced_memory()[1] if measure else None
   if measure:
     tracemalloc.stop()
-  return {"name": name, "size": len(data), "outcome": outcome,
-          "message": message, "seconds": round(seconds, 4), "peak_bytes": peak}
+  return result
 
 
 def run_cases():
@@ -254,6 +395,30 @@ def run_cases():
     results.append(run_one(name, reader, make(), measure=True))
   changed = before != state_of_the_library()
   return results, changed
+
+
+def run_paths():
+  """Paths that are not regular files, and a symbolic link to one that is:
+  each read by both readers."""
+  results = []
+  with tempfile.TemporaryDirectory() as directory:
+    root = pathlib.Path(directory)
+    os.mkfifo(root / "fifo")
+    (root / "link to fifo").symlink_to(root / "fifo")
+    (root / "link to model").symlink_to(EXAMPLE / "model.params")
+    paths = {"a FIFO": root / "fifo", "a directory": root,
+             "a character device": pathlib.Path("/dev/zero"),
+             "a symbolic link to a FIFO": root / "link to fifo",
+             "a file of /proc": pathlib.Path("/proc/self/status"),
+             "a symbolic link to a parameter file": root / "link to model"}
+    for name, path in paths.items():
+      for reader in READERS:
+        start = time.perf_counter()
+        outcome, message = read_once(reader, path)
+        results.append({"name": name, "reader": reader, "outcome": outcome,
+                        "message": message,
+                        "seconds": round(time.perf_counter() - start, 4)})
+  return results
 
 
 def fixtures():
@@ -309,13 +474,15 @@ def run_fuzz(seed, seconds):
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("mode", choices=["cases", "fuzz"])
+  parser.add_argument("mode", choices=["cases", "fuzz", "paths"])
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--seconds", type=float, default=20.0)
   args = parser.parse_args()
   limit = limit_address_space()
   if args.mode == "cases":
     results, changed = run_cases()
+  elif args.mode == "paths":
+    results, changed = run_paths(), False
   else:
     results, changed = run_fuzz(args.seed, args.seconds), False
   for result in results:

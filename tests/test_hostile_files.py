@@ -5,9 +5,12 @@ test for each check of the readers."""
 import json
 import pathlib
 import pickle
+import pickletools
 import struct
 import subprocess
 import sys
+import warnings
+import zlib
 
 import ml_dtypes
 import numpy as np
@@ -16,6 +19,8 @@ import pytest
 import hostile_files
 from optax_ftml import mxnet
 from optax_ftml.mxnet import _files
+from optax_ftml.mxnet import _pickle
+from optax_ftml.mxnet import _records
 
 SCRIPT = pathlib.Path(hostile_files.__file__)
 # Safety bounds, far above what the readers take (milliseconds, a few times
@@ -34,6 +39,12 @@ def run_script(*args):
   return done.returncode, lines[:-1], lines[-1]
 
 
+def quotes_safely(message):
+  """Whether an error message is printable ASCII of bounded length: what a
+  file says reaches a terminal escaped and short."""
+  return message.isascii() and message.isprintable() and len(message) < 600
+
+
 def test_named_hostile_files_are_refused_quickly_and_change_nothing():
   returncode, results, summary = run_script("cases")
   assert returncode == 0, results
@@ -46,14 +57,20 @@ def test_named_hostile_files_are_refused_quickly_and_change_nothing():
     else:
       assert result["outcome"] == "FileError", result
       assert expected in result["message"], result
+      assert quotes_safely(result["message"]), result
     assert result["seconds"] < SECONDS_PER_CASE, result
-    assert result["peak_bytes"] < (PEAK_BYTES_PER_FILE_BYTE * result["size"]
-                                   + PEAK_BYTES_OVERHEAD), result
+    assert result["cpu_seconds"] < SECONDS_PER_CASE, result
+    bound = PEAK_BYTES_PER_FILE_BYTE * result["size"] + PEAK_BYTES_OVERHEAD
+    assert result["peak_bytes"] < bound, result
+    assert result["resident_growth"] < bound, result
+  print("\n".join(f"{r['name']}: {r['outcome']}, {r['cpu_seconds']} s CPU,"
+                  f" +{r['resident_growth']} B resident" for r in results))
 
 
 def test_fuzzed_fixtures_read_or_raise_mxnet_file_error():
   returncode, results, _ = run_script("fuzz", "--seed", "0", "--seconds", "15")
-  bad = [r for r in results if r["outcome"] not in ("read", "FileError")]
+  bad = [r for r in results if r["outcome"] not in ("read", "FileError")
+         or not quotes_safely(r["message"])]
   assert returncode == 0 and not bad, bad[:5]
   assert len(results) >= 1000
   kinds = {(r["name"], r["outcome"]) for r in results}
@@ -87,7 +104,7 @@ def test_benign_shared_references_read_as_the_graph_they_describe():
 ])
 def test_near_misses_of_the_allow_list_are_refused(module, name):
   data = hostile_files.PROTO4 + f"c{module}\n{name}\n)R.".encode()
-  with pytest.raises(mxnet.FileError, match=f"refused to load {module}.{name}"):
+  with pytest.raises(mxnet.FileError, match=f"refused to load '{module}.{name}'"):
     mxnet.read_trainer_states(data)
 
 
@@ -97,11 +114,15 @@ def test_protocol_2_bytes_and_bytearrays_read():
       0: (b"\x00\xff", b"ab")}
 
 
+def ndarray_opcodes(handle):
+  """An NDArray with this raw ``handle`` (under 256 bytes), as opcodes."""
+  return (b"\x8c\x15mxnet.ndarray.ndarray\x8c\x07NDArray\x93N\x85R}"
+          b"\x8c\x06handleC" + bytes([len(handle)]) + handle + b"sb")
+
+
 def pickled_ndarray(handle):
   """A states file holding one NDArray with this raw ``handle``."""
-  return (hostile_files.PROTO4 + b"}K\x00\x8c\x15mxnet.ndarray.ndarray\x8c\x07"
-          b"NDArray\x93N\x85R}\x8c\x06handleC" + bytes([len(handle)]) + handle
-          + b"sbs.")
+  return hostile_files.PROTO4 + b"}K\x00" + ndarray_opcodes(handle) + b"s."
 
 
 def test_a_pickled_ndarray_must_be_exactly_one_array():
@@ -114,7 +135,7 @@ def test_a_pickled_ndarray_must_be_exactly_one_array():
 
 def test_the_second_element_must_be_an_optimizer():
   scheduler = (hostile_files.FIXTURES / "schedulers" / "factor-fresh.pkl"
-               ).read_bytes()[2:-1]  # without PROTO and STOP
+               ).read_bytes()[11:-1]  # without PROTO, FRAME and STOP
   data = hostile_files.PROTO4 + b"}" + scheduler + b"\x86."
   as_ftml = data.replace(b"\x8c\x12mxnet.lr_scheduler\x94\x8c\x0fFactorScheduler",
                          b"\x8c\x19mxnet.optimizer.optimizer\x94\x8c\x04FTML")
@@ -185,3 +206,434 @@ def test_globals_are_named_by_strings_and_called_without_arguments():
     mxnet.read_trainer_states(
         hostile_files.PROTO4 + b"}K\x00\x8c\x19mxnet.optimizer.optimizer"
         b"\x8c\x04FTML\x93K\x01\x85\x81}bs.")
+
+
+# The reader's budget, as its module docstring states it: a file of n bytes
+# may spend 32 * n + 4096 bytes. These are the documented costs, so that the
+# edge tests below compute what a file needs independently of the reader.
+BUDGET_PER_FILE_BYTE, BUDGET_BASE = 32, 4096
+OBJECT, NUMBER, DICT, REFERENCE, DICT_ITEM, SHARED = 64, 32, 232, 8, 48, 128
+
+
+def budget(data):
+  return BUDGET_PER_FILE_BYTE * len(data) + BUDGET_BASE
+
+
+def lists_and_bytes(lists, blob):
+  """{0: [[], ..., [], blob]}: ``lists`` empty lists and one bytes object."""
+  data = (hostile_files.PROTO4 + b"}K\x00](" + b"]" * lists + b"B"
+          + struct.pack("<I", len(blob)) + blob + b"es.")
+  need = (DICT + REFERENCE + NUMBER + REFERENCE  # {, 0
+          + OBJECT + REFERENCE + REFERENCE  # [, mark
+          + lists * (OBJECT + REFERENCE)  # the empty lists
+          + OBJECT + len(blob) + REFERENCE  # the bytes
+          + REFERENCE * (lists + 1) + DICT_ITEM  # appends, setitem
+          # the tree: dict, key, list, its lists, the bytes (4 per byte)
+          + REFERENCE + NUMBER + REFERENCE + REFERENCE * lists + REFERENCE
+          + 4 * len(blob))
+  return data, need
+
+
+def one_string_many_times(times, length):
+  """{0: [s, s, ..., s]}: one ASCII string, memoised once, ``times`` times."""
+  data = (hostile_files.PROTO4 + b"}K\x00](X" + struct.pack("<I", length)
+          + b"x" * length + b"\x94" + b"h\x00" * (times - 1) + b"es.")
+  need = (DICT + REFERENCE + NUMBER + REFERENCE + OBJECT + REFERENCE
+          + REFERENCE  # {, 0, [, mark
+          + OBJECT + 4 * length + REFERENCE + REFERENCE  # the string, memo
+          + SHARED + REFERENCE * (times - 1)  # fetched again
+          + REFERENCE * times + DICT_ITEM  # appends, setitem
+          + REFERENCE + NUMBER + REFERENCE  # the tree: dict, key, list
+          + times * (REFERENCE + 4 * length))  # each occurrence
+  return data, need
+
+
+def test_the_budget_admits_a_file_needing_exactly_it_and_refuses_one_more():
+  # 56 * lists <= 27 * len(blob) + 4032: with a 1008-byte blob, 558 lists
+  # need exactly the budget.
+  blob = bytes(1008)
+  data, need = lists_and_bytes(558, blob)
+  assert need == budget(data)
+  states = mxnet.read_trainer_states(data).states
+  assert len(states[0]) == 559 and states[0][-1] == blob
+  data, need = lists_and_bytes(559, blob)
+  assert need == budget(data) + 56
+  with pytest.raises(mxnet.FileError, match="budget of 32 bytes per byte of"
+                     " file plus 4096"):
+    mxnet.read_trainer_states(data)
+
+
+def test_shared_references_are_charged_at_every_occurrence():
+  # The largest number of occurrences within the budget, for the string
+  # length at which that leaves the least to spare.
+  def edge(length):
+    times = max(t for t in range(1, 200)
+                if (lambda d, n: n <= budget(d))(*one_string_many_times(
+                    t, length)))
+    data, need = one_string_many_times(times, length)
+    return budget(data) - need, times, length
+  spare, times, length = min(edge(length) for length in range(20, 400))
+  assert spare < REFERENCE
+  states = mxnet.read_trainer_states(
+      one_string_many_times(times, length)[0]).states
+  assert states[0] == ["x" * length] * times
+  # What the result expands into stays within the budget.
+  assert len(repr(states)) < budget(one_string_many_times(times, length)[0])
+  with pytest.raises(mxnet.FileError, match="budget"):
+    mxnet.read_trainer_states(one_string_many_times(times + 1, length)[0])
+
+
+def test_an_array_shared_many_times_is_charged_at_every_occurrence():
+  handle = hostile_files.array_bytes(np.zeros(32, np.float32))
+  def shared(times):
+    return (hostile_files.PROTO4 + b"}K\x00](" + ndarray_opcodes(handle)
+            + b"\x94" + b"h\x00" * (times - 1) + b"es.")
+  first, second = mxnet.read_trainer_states(shared(2)).states[0]
+  assert first is second and first.shape == (32,)
+  with pytest.raises(mxnet.FileError, match="budget"):
+    mxnet.read_trainer_states(shared(60))
+
+
+def test_the_budget_covers_the_tuples_and_records_the_finishing_pass_makes():
+  # Tuples holding NDArrays are rebuilt around the arrays, and records made,
+  # after the stack machine ran: both are charged.
+  handle = hostile_files.array_bytes(np.zeros(1, np.float32))
+  array_in_tuple = ndarray_opcodes(handle) + b"\x85"
+  data = hostile_files.PROTO4 + b"}K\x00" + array_in_tuple + b"s."
+  (array,) = mxnet.read_trainer_states(data).states[0]
+  assert array.shape == (1,)
+
+
+@pytest.mark.parametrize("name, argument", [
+    ("STRING", b"'\\q'\n"), ("INT", b"9" * 5000 + b"\n"), ("LONG", b"1L\n"),
+    ("FLOAT", b"1e5\n"), ("UNICODE", b"\\ud800\n"), ("PUT", b"0\n"),
+    ("GET", b"0\n"), ("BINSTRING", b"\xff\xff\xff\x7f"),
+    ("LONG4", b"\xff\xff\xff\x7f"), ("BYTEARRAY8", b"\xff" * 8),
+    ("EXT4", b"\xff" * 4), ("PERSID", b"x\n"), ("INST", b"os\nsystem\n"),
+])
+def test_opcodes_are_judged_before_their_arguments_are_decoded(name, argument):
+  """Each argument would fail or warn if decoded (an invalid escape, a text
+  integer past int()'s digit limit, a lone surrogate, a length past the
+  file): refused by opcode instead, under the tests' -W error."""
+  code = next(op.code for op in pickletools.opcodes if op.name == name)
+  data = hostile_files.PROTO4 + b"}K\x00" + code.encode("latin-1") + argument
+  with pytest.raises(mxnet.FileError,
+                     match=f"refused: pickle opcode {name} .0x... at offset 5"):
+    mxnet.read_trainer_states(data + b"s.")
+
+
+def test_only_the_opcodes_mxnet_writes_are_in_the_dispatch_table():
+  written = {
+      "PROTO", "FRAME", "STOP", "BININT", "BININT1", "BININT2", "LONG1",
+      "BINFLOAT", "SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8",
+      "SHORT_BINBYTES", "BINBYTES", "BINBYTES8", "NONE", "NEWTRUE", "NEWFALSE",
+      "EMPTY_DICT", "EMPTY_LIST", "EMPTY_TUPLE", "MARK", "TUPLE", "TUPLE1",
+      "TUPLE2", "TUPLE3", "SETITEM", "SETITEMS", "APPEND", "APPENDS",
+      "MEMOIZE", "BINPUT", "LONG_BINPUT", "BINGET", "LONG_BINGET", "GLOBAL",
+      "STACK_GLOBAL", "REDUCE", "NEWOBJ", "BUILD"}
+  codes = {op.name: ord(op.code) for op in pickletools.opcodes}
+  assert set(_pickle._DISPATCH) == {codes[name] for name in written} - {
+      codes["PROTO"]}  # PROTO only comes first
+
+
+@pytest.mark.parametrize("opcode, length_format", [
+    (b"X", "<I"), (b"\x8c", "<B"), (b"\x8d", "<Q"), (b"C", "<B"),
+    (b"B", "<I"), (b"\x8e", "<Q")])
+def test_declared_lengths_are_checked_against_the_bytes_left(opcode,
+                                                             length_format):
+  def states(declared):
+    return (hostile_files.PROTO4 + b"}K\x00" + opcode
+            + struct.pack(length_format, declared) + b"abcs.")
+  assert mxnet.read_trainer_states(states(3)).states[0] in ("abc", b"abc")
+  with pytest.raises(mxnet.FileError, match="corrupted"):
+    mxnet.read_trainer_states(states(4))  # "abcs" then no STOP: truncated
+  with pytest.raises(mxnet.FileError, match="declares 6 bytes at offset"):
+    mxnet.read_trainer_states(states(6))
+
+
+def test_frames_are_checked_against_the_bytes_left():
+  body = b"}K\x00K\x01s."
+  framed = hostile_files.PROTO4 + b"\x95" + struct.pack("<Q", len(body)) + body
+  assert mxnet.read_trainer_states(framed).states == {0: 1}
+  with pytest.raises(mxnet.FileError, match="a frame of 8 bytes"):
+    mxnet.read_trainer_states(framed.replace(b"\x95\x07", b"\x95\x08"))
+
+
+def test_integers_are_at_most_8_bytes():
+  def states(width):
+    return (hostile_files.PROTO4 + b"}K\x00\x8a" + bytes([width])
+            + b"\xff" * width + b"s.")
+  assert mxnet.read_trainer_states(states(8)).states == {0: -1}
+  with pytest.raises(mxnet.FileError, match="an integer of 9 bytes"):
+    mxnet.read_trainer_states(states(9))
+
+
+def test_global_lines_are_short_ascii():
+  def states(module):
+    return hostile_files.PROTO4 + b"c" + module + b"\nFTML\n)R."
+  with pytest.raises(mxnet.FileError,
+                     match=r"refused to load 'x{60}'\.\.\. \(105 in all\)"):
+    mxnet.read_trainer_states(states(b"x" * 100))
+  with pytest.raises(mxnet.FileError, match="not a line of at most 100 bytes"):
+    mxnet.read_trainer_states(states(b"x" * 101))
+  with pytest.raises(mxnet.FileError, match=r"'mxnet\\xe9' is not ASCII"):
+    mxnet.read_trainer_states(states(b"mxnet\xe9"))
+
+
+def test_strings_must_be_utf8():
+  with pytest.raises(mxnet.FileError, match="is not UTF-8"):
+    mxnet.read_trainer_states(hostile_files.global_named("\udc80", "FTML"))
+
+
+@pytest.mark.parametrize("protocol", [1, 5])
+def test_only_protocols_2_to_4_are_read(protocol):
+  data = pickle.dumps({0: 1}, protocol)
+  with pytest.raises(mxnet.FileError, match="protocol 2 to 4"):
+    mxnet.read_trainer_states(data)
+  assert mxnet.read_trainer_states(pickle.dumps({0: 1}, 2)).states == {0: 1}
+
+
+def test_warnings_while_reading_are_file_errors():
+  def warns(handle):
+    warnings.warn("a library complains", DeprecationWarning, stacklevel=1)
+  data = pickled_ndarray(hostile_files.array_bytes(np.zeros(1, np.float32)))
+  with pytest.raises(mxnet.FileError, match="DeprecationWarning 'a library"):
+    _pickle.load_mxnet_pickle(data, warns)
+
+
+def test_quoted_escapes_and_shortens():
+  assert _records.quoted("a" * 60) == repr("a" * 60)
+  assert _records.quoted("a" * 61) == repr("a" * 60) + "... (61 in all)"
+  assert _records.quoted("\x1b[2J\n\u202e\udc80") == (
+      "'\\x1b[2J\\n\\u202e\\udc80'")
+  assert _records.quoted(b"\x1b") == "b'\\x1b'"
+
+
+def test_pickled_attribute_values_are_quoted():
+  fields = _records.RecordFields(_records.PickledObject(
+      "mxnet.optimizer.optimizer.FTML", {"beta1": "\x1b[31m" * 20}))
+  with pytest.raises(mxnet.FileError) as raised:
+    fields.real("beta1")
+  assert "'\\x1b[31m" in str(raised.value) and "(100 in all)" in str(
+      raised.value)
+
+
+def test_readers_say_which_reader_a_file_needs():
+  example = pathlib.Path(_files.__file__).parent / "example"
+  params = (example / "model.params").read_bytes()
+  npz = (hostile_files.FIXTURES / "gluon2" / "model.params").read_bytes()
+  for data in (params, npz):
+    with pytest.raises(mxnet.FileError, match=r"looks like an MXNet parameters"
+                       r" file, not a trainer-state file: use"
+                       r" mxnet\.read_params"):
+      mxnet.read_trainer_states(data)
+  states = (example / "trainer.states").read_bytes()
+  for protocol in (2, 5):
+    with pytest.raises(mxnet.FileError, match=r"looks like an MXNet"
+                       r" trainer-state file \(a pickle\), not a parameters"
+                       r" file: use mxnet\.read_trainer_states"):
+      mxnet.read_params(bytes([0x80, protocol]) + states[2:])
+  with pytest.raises(mxnet.FileError, match="not an MXNet NDArray file"):
+    mxnet.read_params(bytes([0x80, 6]) + states[2:])
+
+
+def test_paths_that_are_not_regular_files_are_refused_without_blocking():
+  returncode, results, _ = run_script("paths")
+  assert returncode == 0, results
+  outcomes = {(r["name"], r["reader"]): r for r in results}
+  for (name, reader), result in outcomes.items():
+    if name == "a symbolic link to a parameter file":
+      assert result["outcome"] == ("read" if reader == "params"
+                                   else "FileError"), result
+      continue
+    assert result["outcome"] == "FileError", result
+    expected = ("its size is not the 0 bytes" if name == "a file of /proc"
+                else "not a regular file")
+    assert expected in result["message"], result
+    assert result["seconds"] < 5, result
+
+
+def test_a_file_is_read_once_to_the_size_fstat_gives(tmp_path):
+  path = tmp_path / "model.params"
+  path.write_bytes(named_params(["a"]))
+  assert list(mxnet.read_params(path)) == ["a"]
+  assert list(mxnet.read_params(str(path))) == ["a"]
+  with pytest.raises(FileNotFoundError):
+    mxnet.read_params(tmp_path / "missing")
+
+
+NPY = hostile_files.npy(np.arange(3, dtype=np.float32))
+
+
+def zip_parts(members):
+  """The local records (header and data) and central entries of a zip of
+  stored members, each ready to be damaged."""
+  records, entries, offset = [], [], 0
+  for name, data in members:
+    records.append(hostile_files.local_header(name, data) + data)
+    entries.append(hostile_files.central_entry(name, data, offset))
+    offset += len(records[-1])
+  return records, entries
+
+
+def test_zips_written_by_python_numpy_and_mxnet_read(tmp_path):
+  expected = np.arange(3, dtype=np.float32)
+  ours = hostile_files.stored_zip([(b"a.npy", NPY)])
+  np.testing.assert_array_equal(mxnet.read_params(ours)["a"], expected)
+  python = hostile_files.npz([("a.npy", NPY)])
+  np.testing.assert_array_equal(mxnet.read_params(python)["a"], expected)
+  # NumPy writes zip64 sizes into each local header.
+  np.savez(tmp_path / "a.npz", a=expected)
+  np.testing.assert_array_equal(
+      mxnet.read_params(tmp_path / "a.npz")["a"], expected)
+  # MXNet 2 writes its sizes into a data descriptor after each member.
+  mxnet2 = mxnet.read_params(hostile_files.FIXTURES / "gluon2" / "model.params")
+  assert mxnet2["0.weight"].shape == (3, 1, 3, 3)
+
+
+def test_zip_members_must_not_overlap():
+  records, entries = zip_parts([(b"a.npy", NPY), (b"b.npy", NPY)])
+  body = b"".join(records)
+  # b's entry pointing at a's record: one byte range read twice.
+  again = hostile_files.central_entry(b"a.npy", NPY, 0)
+  with pytest.raises(mxnet.FileError, match=r"'a\.npy' at offset 0 overlaps"):
+    mxnet.read_params(hostile_files.zip_archive(body, [entries[0], again]))
+  with pytest.raises(mxnet.FileError, match="overlaps the one before"):
+    mxnet.read_params(hostile_files.nested_member_npz())
+
+
+def test_zip_members_must_follow_each_other_without_gaps():
+  records, entries = zip_parts([(b"a.npy", NPY), (b"b.npy", NPY)])
+  gap = hostile_files.central_entry(b"b.npy", NPY, len(records[0]) + 1)
+  body = records[0] + b"\0" + records[1]
+  with pytest.raises(mxnet.FileError, match="leaves a gap"):
+    mxnet.read_params(hostile_files.zip_archive(body, [entries[0], gap]))
+  with pytest.raises(mxnet.FileError, match="1 bytes between the members"):
+    mxnet.read_params(hostile_files.zip_archive(records[0] + b"\0",
+                                                entries[:1]))
+
+
+def test_zip_members_must_lie_before_the_central_directory():
+  # Header and directory agree on one byte more than there is.
+  record = hostile_files.local_header(b"a.npy", NPY + b"\0") + NPY
+  longer = hostile_files.central_entry(b"a.npy", NPY + b"\0", 0)
+  with pytest.raises(mxnet.FileError, match="runs past the members' end"):
+    mxnet.read_params(hostile_files.zip_archive(record, [longer]))
+  # A local header inside the central directory.
+  entry = hostile_files.central_entry(b"a.npy", NPY, 0)
+  header = hostile_files.local_header(b"a.npy", NPY)
+  inside = hostile_files.central_entry(b"a.npy", NPY, len(header + NPY))
+  with pytest.raises(mxnet.FileError, match="is past the members"):
+    mxnet.read_params(hostile_files.zip_archive(header + NPY, [entry, inside]))
+
+
+def zip64_extra(*values):
+  return struct.pack("<HH", 1, 8 * len(values)) + struct.pack(
+      f"<{len(values)}Q", *values)
+
+
+def test_zip64_sizes_must_lie_within_the_file():
+  wide = (0xFFFFFFFF, 0xFFFFFFFF)
+  def archive(size):
+    record = hostile_files.local_header(
+        b"a.npy", NPY, sizes=wide, extra=zip64_extra(size, size)) + NPY
+    entry = hostile_files.central_entry(
+        b"a.npy", NPY, 0, sizes=wide, extra=zip64_extra(size, size))
+    return hostile_files.zip_archive(record, [entry])
+  np.testing.assert_array_equal(mxnet.read_params(archive(len(NPY)))["a"],
+                                [0, 1, 2])
+  with pytest.raises(mxnet.FileError, match="runs past the members' end"):
+    mxnet.read_params(archive(2**62))
+  with pytest.raises(mxnet.FileError, match="without its zip64 value"):
+    mxnet.read_params(hostile_files.zip_archive(
+        hostile_files.local_header(b"a.npy", NPY) + NPY,
+        [hostile_files.central_entry(b"a.npy", NPY, 0, sizes=wide)]))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (0x0001, "is encrypted"), (0x0041, "is encrypted"),
+    (0x0002, "unsupported flags 0x0002"), (0x2000, "unsupported flags")])
+def test_zip_members_are_neither_encrypted_nor_flagged(flags, message):
+  record = hostile_files.local_header(b"a.npy", NPY, flags=flags) + NPY
+  entry = hostile_files.central_entry(b"a.npy", NPY, 0, flags=flags)
+  with pytest.raises(mxnet.FileError, match=message):
+    mxnet.read_params(hostile_files.zip_archive(record, [entry]))
+
+
+@pytest.mark.parametrize("damage, message", [
+    ("name", "local header at offset 0 disagrees"),
+    ("method", "local header at offset 0 disagrees"),
+    ("flags", "local header at offset 0 disagrees"),
+    ("crc", "local header declares sizes 140 and 140 and CRC 1"),
+    ("size", "local header declares sizes 139 and 139")])
+def test_local_headers_must_agree_with_the_central_directory(damage, message):
+  local = {"name": {"name": b"b.npy"}, "method": {"method": 8},
+           "flags": {"flags": 0x0800}, "crc": {"crc": 1},
+           "size": {"sizes": (len(NPY) - 1, len(NPY) - 1)}}[damage]
+  name = local.pop("name", b"a.npy")
+  record = hostile_files.local_header(name, NPY, **local) + NPY
+  entry = hostile_files.central_entry(b"a.npy", NPY, 0)
+  with pytest.raises(mxnet.FileError, match=message):
+    mxnet.read_params(hostile_files.zip_archive(record, [entry]))
+
+
+def test_data_descriptors_must_agree_with_the_central_directory():
+  crc = zlib.crc32(NPY)
+  def archive(descriptor):
+    record = hostile_files.local_header(b"a.npy", NPY, flags=0x08, crc=0,
+                                        sizes=(0, 0)) + NPY + descriptor
+    entry = hostile_files.central_entry(b"a.npy", NPY, 0, flags=0x08)
+    return hostile_files.zip_archive(record, [entry])
+  sizes = struct.pack("<III", crc, len(NPY), len(NPY))
+  for descriptor in (sizes, b"PK\x07\x08" + sizes):
+    assert list(mxnet.read_params(archive(descriptor))) == ["a"]
+  with pytest.raises(mxnet.FileError, match="data descriptor disagrees"):
+    mxnet.read_params(archive(struct.pack("<III", crc, len(NPY) + 1,
+                                          len(NPY))))
+
+
+def test_zip_members_must_match_their_crc():
+  damaged = NPY[:-1] + b"\x01"
+  record = hostile_files.local_header(b"a.npy", damaged, crc=zlib.crc32(NPY))
+  entry = hostile_files.central_entry(b"a.npy", damaged, 0,
+                                      crc=zlib.crc32(NPY))
+  with pytest.raises(mxnet.FileError, match="fails its CRC"):
+    mxnet.read_params(hostile_files.zip_archive(record + damaged, [entry]))
+
+
+def test_the_central_directory_must_fill_the_space_the_end_record_gives():
+  records, entries = zip_parts([(b"a.npy", NPY)])
+  good = hostile_files.zip_archive(records[0], entries)
+  assert list(mxnet.read_params(good)) == ["a"]
+  end = len(good) - 22
+  for field, delta in ((12, 1), (12, -1), (16, 1), (10, 1)):  # size, offset
+    damaged = bytearray(good)
+    width = 2 if field == 10 else 4
+    value = int.from_bytes(good[end + field:end + field + width], "little")
+    damaged[end + field:end + field + width] = (value + delta).to_bytes(
+        width, "little")
+    if field == 10:  # both entry counts
+      damaged[end + 8:end + 10] = damaged[end + 10:end + 12]
+    with pytest.raises(mxnet.FileError, match="central directory"):
+      mxnet.read_params(bytes(damaged))
+  with pytest.raises(mxnet.FileError, match="no archive comment"):
+    mxnet.read_params(hostile_files.zip_archive(records[0], entries,
+                                                comment=b"x"))
+  with pytest.raises(mxnet.FileError, match="multi-disk"):
+    mxnet.read_params(good[:end + 8] + b"\x00\x00" + good[end + 10:])
+
+
+def test_a_zip64_end_record_is_read_and_checked():
+  records, entries = zip_parts([(b"a.npy", NPY)])
+  directory = b"".join(entries)
+  record64 = struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, 1, 1,
+                         len(directory), len(records[0]))
+  def archive(record_at):
+    locator = struct.pack("<4sIQI", b"PK\x06\x07", 0, record_at, 1)
+    end = struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, 0xFFFF, 0xFFFF,
+                      0xFFFFFFFF, 0xFFFFFFFF, 0)
+    return records[0] + directory + record64 + locator + end
+  at = len(records[0]) + len(directory)
+  assert list(mxnet.read_params(archive(at))) == ["a"]
+  with pytest.raises(mxnet.FileError, match="zip64 end record is missing or"):
+    mxnet.read_params(archive(at + 1))

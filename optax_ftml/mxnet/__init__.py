@@ -15,8 +15,8 @@ from optax_ftml.mxnet._files import read_trainer_states
 from optax_ftml.mxnet._optimizer import ftml
 from optax_ftml.mxnet._optimizer import module_wd_mult
 from optax_ftml.mxnet._optimizer import to_flax_layout
-from optax_ftml.mxnet._pickle import FileError
-from optax_ftml.mxnet._pickle import PickledObject
+from optax_ftml.mxnet._records import FileError
+from optax_ftml.mxnet._records import PickledObject
 from optax_ftml.mxnet._resume import resume
 from optax_ftml.mxnet._schedules import lr_schedule
 

@@ -4,29 +4,60 @@
 allow-list alone: its C core hashes and recurses into whatever the file
 builds (a tuple nested 200,000 deep kills the interpreter), allocates memo
 tables to indices the file names, and serves ``copyreg`` extensions without
-asking. So the opcodes are read here (``pickletools.genops``) and executed by
-a small stack machine that knows only what MXNet writes (pickle protocols 2
-to 4, as Python 3 writes them): scalars, strings, bytes, lists, tuples,
-dicts with integer or string keys, and MXNet's NDArray, optimizer and
-scheduler classes, which become inert records. Nothing from the file is ever
-called, hashed (beyond its integer and string keys) or printed, and no object
+asking. Nor can ``pickletools.genops``, which decodes each opcode's argument
+(escape sequences, text integers) before anyone has judged the opcode. So the
+file is read here, as CPython's own unpickler reads it, by a dispatch table
+from opcode byte to handler, holding only the opcodes MXNet's pickles hold
+(protocols 2 to 4, as Python 3 writes them): an opcode not in the table is
+refused before its argument is looked at, and a handler checks the length its
+argument declares against the bytes left and the budget before decoding it.
+The stack machine knows scalars, strings, bytes, lists, tuples, dicts with
+integer or string keys, and MXNet's NDArray, optimizer and scheduler classes,
+which become inert records. Nothing from the file is ever called, hashed
+(beyond its integer and string keys) or printed unescaped, and no object
 outliving the load can be reached from it.
 
-Every cost is bounded by the file's size: each opcode does constant work
-besides copying its own argument, memo indices must come in order, arrays
-decoded and bytes derived may not exceed twice the file, and the result
-(a graph, since the memo lets the file share an object) is walked once per
-object, refused if deeper than ``_MAX_DEPTH`` or if, as a tree, it would have
-more than ``_ELEMENTS_PER_OPCODE`` times the opcodes' elements.
+One budget per file, ``BUDGET_PER_FILE_BYTE`` (32) bytes per byte of the
+file plus ``BUDGET_BASE`` (4096), pays for everything the reader creates or
+keeps, each cost charged before the object is made (upper bounds of what
+CPython spends on it):
+
+* each object: 64 bytes (``_OBJECT``: a list, tuple, string, bytes, global or
+  NDArray placeholder), 32 for an int or float (``_NUMBER``), 232 for a dict
+  (``_DICT``), 128 for a record (``_RECORD``, made by the finishing pass, as
+  is a tuple rebuilt there); plus 4 (``_PER_BYTE``) per byte of a string's
+  argument (a character takes up to 4 bytes in memory), 1 per byte of bytes';
+  a decoded array 64 plus the bytes it came from;
+* each reference: 8 (``_REFERENCE``) per stack push, mark, memo entry and
+  list or tuple element, 48 (``_DICT_ITEM``) per dict item, 128
+  (``_SHARED``) the first time an object is fetched from the memo (the
+  finishing pass keeps one entry for each shared object);
+* and the result as a tree, shared references counted at every occurrence
+  (as ``repr``, ``json`` or a copy that does not keep sharing expands it),
+  at least what ``repr`` prints for it: 8 per element and dict key (32 for a
+  number, 128 for a record), 4 per byte of bytes or character of an ASCII
+  string (10 for other strings: ``_PER_CHARACTER``), and for an array 64 plus
+  8 per byte (``_PER_ARRAY_BYTE``) plus 4 per element and dimension
+  (``_PER_ARRAY_DIMENSION``: the brackets).
+
+Besides, objects may nest at most ``_MAX_DEPTH`` (32) deep. So time and
+memory are at most a constant times the file's size, and so is anything the
+result can later be expanded into: its ``repr`` is shorter than the budget.
 """
 
 from __future__ import annotations
 
-import math
+import pickle
 import pickletools
+import struct
+import warnings
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
+
+from optax_ftml.mxnet._records import FileError
+from optax_ftml.mxnet._records import PickledObject
+from optax_ftml.mxnet._records import quoted
 
 # MXNet 1.9's optimizers (mxnet/optimizer/optimizer.py) and schedulers
 # (mxnet/lr_scheduler.py); MXNet 2.x keeps FTML in mxnet/optimizer/ftml.py.
@@ -47,100 +78,48 @@ _ENCODE = ("_codecs", "encode")
 
 _PROTOCOLS = range(2, 5)
 _MAX_DEPTH = 32
-_ELEMENTS_PER_OPCODE = 4
-_DERIVED_BYTES_PER_FILE_BYTE = 2
 # LONG1 integers MXNet writes are counts: 8 bytes hold any of them.
 _MAX_LONG_BYTES = 8
-_MAX_COUNT = 2**31  # MXNet's update counts and indices are int32
-_MISSING = object()
+# GLOBAL's module and name lines: MXNet's are a few dozen characters.
+_MAX_GLOBAL_LINE = 100
+
+# The budget (see the module docstring), in bytes: upper bounds of what
+# CPython spends on each object, so that a file of n bytes holds the reader
+# to a little over BUDGET_PER_FILE_BYTE * n bytes.
+BUDGET_PER_FILE_BYTE = 32
+# What even the smallest file may spend: an empty dict of states costs more
+# than 32 times its 5 bytes.
+BUDGET_BASE = 4096
+_OBJECT = 64
+_NUMBER = 32
+_DICT = 232
+_RECORD = 128
+_PER_BYTE = 4
+_REFERENCE = 8
+_DICT_ITEM = 48
+_SHARED = 128
+# What repr makes of a non-ASCII character (at most "\U0001f600"), and of an
+# array's bytes and its elements' brackets.
+_PER_CHARACTER = 10
+_PER_ARRAY_BYTE = 8
+_PER_ARRAY_DIMENSION = 4
 
 
-class FileError(ValueError):
-  """An MXNet file that cannot be read: corrupted, truncated, unsupported or
-  (for pickles) holding something MXNet's files do not hold."""
+class Budget:
+  """What reading one file may still spend, in bytes."""
 
+  def __init__(self, file_size: int):
+    self.limit = BUDGET_PER_FILE_BYTE * file_size + BUDGET_BASE
+    self.left = self.limit
 
-class PickledObject:
-  """An inert record of a pickled MXNet object (an optimizer or a learning-rate
-  scheduler): its class and attributes, nothing executable.
-
-  Attributes:
-    mxnet_class: the pickled class, e.g. ``"mxnet.optimizer.optimizer.FTML"``.
-    attributes: the object's pickled ``__dict__``: plain Python values, NumPy
-      arrays and nested :class:`PickledObject` records.
-  """
-
-  def __init__(self, mxnet_class: str, attributes: dict[str, Any] | None = None):
-    self.mxnet_class = mxnet_class
-    self.attributes: dict[str, Any] = {} if attributes is None else attributes
-
-  @property
-  def class_name(self) -> str:
-    """The class name without its module, e.g. ``"FTML"``."""
-    return self.mxnet_class.rpartition(".")[2]
-
-  def __repr__(self) -> str:
-    return f"PickledObject({self.mxnet_class}, {self.attributes!r})"
-
-
-def _describe(value: Any) -> str:
-  """``value`` for an error message, in bounded length."""
-  if type(value) is int and value.bit_length() > 64:
-    return f"an integer of {value.bit_length()} bits"
-  if type(value) in (int, float, bool) or value is None:
-    return repr(value)
-  if isinstance(value, str):
-    return repr(value[:40]) + ("..." if len(value) > 40 else "")
-  return f"a {type(value).__name__}"
-
-
-class RecordFields:
-  """Reads a pickled record's attributes, each checked against the range
-  MXNet's constructors enforce; a failure names the attribute."""
-
-  def __init__(self, record: PickledObject):
-    self.name = record.class_name
-    self.attributes = record.attributes
-
-  def error(self, key: str, value: Any, expected: str) -> FileError:
-    return FileError(
-        f"the pickled {self.name}'s {key} is {_describe(value)}; MXNet's"
-        f" {self.name} has {expected}.")
-
-  def get(self, key: str) -> Any:
-    if key not in self.attributes:
+  def charge(self, cost: int) -> None:
+    self.left -= cost
+    if self.left < 0:
       raise FileError(
-          f"the pickled {self.name} lacks the attribute {key!r}; it was not"
-          " written by MXNet.")
-    return self.attributes[key]
-
-  def real(self, key: str, low: float = -math.inf, high: float = math.inf,
-           low_open: bool = False, value: Any = _MISSING) -> float:
-    """A real number (a Python int or float: not a bool, string, array or
-    record) in the range."""
-    value = self.get(key) if value is _MISSING else value
-    if (type(value) not in (int, float) or abs(value) >= 2**64
-        or not math.isfinite(value)
-        or not (low < value if low_open else low <= value) or value > high):
-      bracket = "(" if low_open else "["
-      raise self.error(key, value, f"a real number in {bracket}{low}, {high}]")
-    return value
-
-  def count(self, key: str, low: int = 0, value: Any = _MISSING) -> int:
-    """An integer in ``[low, 2**31)``."""
-    value = self.get(key) if value is _MISSING else value
-    if type(value) is not int or not low <= value < _MAX_COUNT:
-      raise self.error(key, value, f"an integer in [{low}, 2**31)")
-    return value
-
-  def of_type(self, key: str, kind: type, default: Any = _MISSING) -> Any:
-    """An attribute of exactly this type (``default`` if absent)."""
-    if default is not _MISSING and key not in self.attributes:
-      return default
-    value = self.get(key)
-    if type(value) is not kind:
-      raise self.error(key, value, f"a {kind.__name__}")
-    return value
+          f"refused: reading it needs more than its budget of"
+          f" {BUDGET_PER_FILE_BYTE} bytes per byte of file plus {BUDGET_BASE}"
+          f" ({self.limit} bytes): it builds more, or its shared references"
+          " expand to more, than MXNet's files do.")
 
 
 class _Global(NamedTuple):
@@ -151,6 +130,8 @@ class _Global(NamedTuple):
 
 class _Pending:
   """A record or NDArray made by REDUCE or NEWOBJ, whose state BUILD gives."""
+
+  __slots__ = ("array", "state", "where")
 
   def __init__(self, where: _Global):
     self.where = where
@@ -165,15 +146,93 @@ def _allowed(where: _Global) -> bool:
           or (module == _SCHEDULER_MODULE and name in _SCHEDULER_CLASSES))
 
 
+_Handler = Callable[["_Machine"], bool | None]
 class _Machine:
   """Executes the opcodes MXNet's pickles hold; see the module docstring."""
 
-  def __init__(self, size: int, decode_array: Callable[[bytes], Any]):
+  def __init__(self, data: bytes, budget: Budget,
+               decode_array: Callable[[bytes], Any]):
+    self.data = data
+    self.position = 0
+    self.budget = budget
+    self.decode_array = decode_array
     self.stack: list[Any] = []
     self.marks: list[int] = []
     self.memo: list[Any] = []
-    self.derived_budget = _DERIVED_BYTES_PER_FILE_BYTE * size
-    self.decode_array = decode_array
+    self.shared: set[int] = set()
+
+  def run(self) -> Any:
+    code = self.read(1, "the first opcode")[0]
+    if code != pickle.PROTO[0]:
+      raise FileError(
+          "not a pickle MXNet writes: expected pickle protocol 2 to 4 (Python"
+          f" 3), got {_name(code)}.")
+    protocol = self.read(1, "PROTO")[0]
+    if protocol not in _PROTOCOLS:
+      raise FileError(
+          "not a pickle MXNet writes: expected pickle protocol 2 to 4 (Python"
+          f" 3), got PROTO {protocol}.")
+    while True:
+      at = self.position
+      code = self.read(1, "an opcode")[0]
+      handler = _DISPATCH.get(code)
+      if handler is None:
+        raise FileError(
+            f"refused: pickle opcode {_name(code)} at offset {at}, which"
+            " MXNet's files never hold.")
+      if handler(self):
+        break
+    if self.position != len(self.data):
+      raise FileError(
+          f"corrupted: {len(self.data) - self.position} bytes after the"
+          " pickle's end.")
+    if len(self.stack) != 1 or self.marks:
+      raise FileError("corrupted pickle: it does not end with one object.")
+    return self.stack[0]
+
+  # Reading the file.
+
+  def read(self, size: int, what: str) -> bytes:
+    if size > len(self.data) - self.position:
+      raise FileError(
+          f"truncated or corrupted pickle: {what} needs {size} bytes at offset"
+          f" {self.position}, {len(self.data) - self.position} left.")
+    chunk = self.data[self.position:self.position + size]
+    self.position += size
+    return chunk
+
+  def unpack(self, fmt: str, what: str) -> Any:
+    return struct.unpack(fmt, self.read(struct.calcsize(fmt), what))[0]
+
+  def payload(self, length_format: str, what: str, per_byte: int) -> bytes:
+    """A length-prefixed argument: the declared length is checked against
+    the bytes left and charged before the bytes are read."""
+    size = self.unpack(length_format, f"{what}'s length")
+    if size > len(self.data) - self.position:
+      raise FileError(
+          f"truncated or corrupted pickle: {what} declares {size} bytes at"
+          f" offset {self.position}, {len(self.data) - self.position} left.")
+    self.budget.charge(_OBJECT + per_byte * size)
+    return self.read(size, what)
+
+  def line(self, what: str) -> str:
+    """A GLOBAL argument: a short ASCII line."""
+    end = self.data.find(b"\n", self.position,
+                         self.position + _MAX_GLOBAL_LINE + 1)
+    if end < 0:
+      raise FileError(
+          f"truncated or corrupted pickle: {what} at offset {self.position}"
+          f" is not a line of at most {_MAX_GLOBAL_LINE} bytes.")
+    raw = self.read(end + 1 - self.position, what)[:-1]
+    if not raw.isascii():
+      raise FileError(f"refused: {what} {quoted(raw)} is not ASCII.")
+    return raw.decode("ascii")
+
+  # The stack.
+
+  def push(self, value: Any) -> None:
+    self.budget.charge(_REFERENCE)
+    self.stack.append(value)
 
   def top(self) -> Any:
     """The top of the stack, which must lie above the last mark."""
@@ -193,30 +252,70 @@ class _Machine:
     del self.stack[start:]
     return items
 
-  def derive(self, size: int) -> None:
-    self.derived_budget -= size
-    if self.derived_budget < 0:
-      raise FileError(
-          "refused: the pickle's bytes are used more than once (decoded data"
-          " would exceed twice the file's size).")
+  def new_tuple(self, items: list[Any]) -> None:
+    self.budget.charge(_OBJECT + _REFERENCE * len(items))
+    self.push(tuple(items))
 
-  def call(self, where: Any, args: Any, opcode: str) -> Any:
+  # Containers.
+
+  def set_items(self, items: list[Any]) -> None:
+    target = self.top()
+    if not isinstance(target, dict) or len(items) % 2:
+      raise FileError("corrupted pickle: SETITEMS needs a dict and pairs.")
+    self.budget.charge(_DICT_ITEM * (len(items) // 2))
+    for key, value in zip(items[::2], items[1::2], strict=True):
+      # Only keys whose hash costs their length, and no bools: MXNet's keys
+      # are parameter indices and names.
+      if type(key) not in (int, str):
+        raise FileError(
+            f"refused: a dict key of type {type(key).__name__} (MXNet's keys"
+            " are integers and strings).")
+      target[key] = value
+
+  def append(self, items: list[Any]) -> None:
+    target = self.top()
+    if not isinstance(target, list):
+      raise FileError("corrupted pickle: APPENDS needs a list.")
+    self.budget.charge(_REFERENCE * len(items))
+    target.extend(items)
+
+  # Objects.
+
+  def global_(self, module: Any, name: Any) -> None:
+    if not (isinstance(module, str) and isinstance(name, str)):
+      raise FileError("corrupted pickle: a global named by non-strings.")
+    where = _Global(module, name)
+    if not _allowed(where):
+      raise FileError(
+          f"refused to load {quoted(f'{module}.{name}')}: MXNet"
+          " trainer-state files hold only NDArrays, MXNet optimizers and MXNet"
+          " learning-rate schedulers, and nothing else is loaded from them (a"
+          " pickle can run arbitrary code). A custom scheduler or optimizer"
+          " class cannot be read.")
+    self.budget.charge(_OBJECT)
+    self.push(where)
+
+  def call(self, opcode: str) -> None:
     """REDUCE and NEWOBJ: only the allowed globals, with MXNet's arguments."""
+    args = self.pop()
+    where = self.pop()
     if not isinstance(where, _Global) or type(args) is not tuple:
       raise FileError(f"refused: {opcode} of a {type(where).__name__}.")
     if where in _BYTEARRAYS or where == _ENCODE:
-      return self.bytes_of(where, args)
+      self.push(self.bytes_of(where, args))
+      return
     if args not in ((), (None,)):
       raise FileError(
           f"refused: {where.module}.{where.name} called with arguments.")
-    return _Pending(where)
+    self.budget.charge(_OBJECT)
+    self.push(_Pending(where))
 
   def bytes_of(self, where: _Global, args: tuple[Any, ...]) -> bytes:
     if len(args) == 1 and isinstance(args[0], bytes) and where != _ENCODE:
       return args[0]
     if (len(args) == 2 and isinstance(args[0], str)
         and args[1] in ("latin1", "latin-1")):
-      self.derive(len(args[0]))
+      self.budget.charge(_OBJECT + len(args[0]))
       try:
         return args[0].encode("latin-1")
       except UnicodeEncodeError:
@@ -227,7 +326,9 @@ class _Machine:
         f"refused: {where.module}.{where.name} of"
         f" {', '.join(type(a).__name__ for a in args)} (only bytes are copied).")
 
-  def build(self, target: Any, state: Any) -> None:
+  def build(self) -> None:
+    state = self.pop()
+    target = self.top()
     if not isinstance(target, _Pending) or target.state is not None:
       raise FileError(
           f"refused: BUILD on a {type(target).__name__}, not a fresh MXNet"
@@ -243,25 +344,8 @@ class _Machine:
         raise FileError(
             "corrupted: a pickled NDArray has no data (handle"
             f" {type(handle).__name__}).")
-      self.derive(len(handle))
+      self.budget.charge(_OBJECT + len(handle))
       target.array = self.decode_array(handle)
-
-  def set_items(self, target: Any, items: list[Any]) -> None:
-    if not isinstance(target, dict) or len(items) % 2:
-      raise FileError("corrupted pickle: SETITEMS needs a dict and pairs.")
-    for key, value in zip(items[::2], items[1::2], strict=True):
-      # Only keys whose hash costs their length, and no bools: MXNet's keys
-      # are parameter indices and names.
-      if type(key) not in (int, str):
-        raise FileError(
-            f"refused: a dict key of type {type(key).__name__} (MXNet's keys"
-            " are integers and strings).")
-      target[key] = value
-
-  def append(self, target: Any, items: list[Any]) -> None:
-    if not isinstance(target, list):
-      raise FileError("corrupted pickle: APPENDS needs a list.")
-    target.extend(items)
 
   def memoize(self, index: int) -> None:
     if index != len(self.memo):
@@ -269,100 +353,182 @@ class _Machine:
           f"refused: memo index {index} out of order (expected {len(self.memo)}).")
     if not self.stack:
       raise FileError("corrupted pickle: nothing to memoise.")
+    self.budget.charge(_REFERENCE)
     self.memo.append(self.stack[-1])
 
   def get(self, index: int) -> None:
     if not 0 <= index < len(self.memo):
       raise FileError(f"corrupted pickle: memo index {index} never set.")
-    self.stack.append(self.memo[index])
+    value = self.memo[index]
+    if id(value) not in self.shared:
+      self.budget.charge(_SHARED)
+      self.shared.add(id(value))
+    self.push(value)
 
-  def global_(self, module: Any, name: Any) -> None:
-    if not (isinstance(module, str) and isinstance(name, str)):
-      raise FileError("corrupted pickle: a global named by non-strings.")
-    where = _Global(module, name)
-    if not _allowed(where):
+
+_OPCODE_NAMES = {ord(op.code): op.name for op in pickletools.opcodes}
+
+
+def _name(code: int) -> str:
+  """An opcode byte as messages name it."""
+  return f"{_OPCODE_NAMES.get(code, 'unknown')} (0x{code:02X})"
+
+
+def _number(fmt: str) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.budget.charge(_NUMBER)
+    machine.push(machine.unpack(fmt, "a number"))
+  return load
+
+
+def _long1(machine: _Machine) -> None:
+  size = machine.unpack("<B", "LONG1's length")
+  if size > _MAX_LONG_BYTES:
+    raise FileError(f"refused: an integer of {size} bytes (wider than 64 bits).")
+  machine.budget.charge(_NUMBER)
+  machine.push(int.from_bytes(machine.read(size, "LONG1"), "little", signed=True))
+
+
+def _text(length_format: str) -> _Handler:
+  def load(machine: _Machine) -> None:
+    raw = machine.payload(length_format, "a string", _PER_BYTE)
+    try:
+      machine.push(raw.decode("utf-8"))
+    except UnicodeDecodeError:
       raise FileError(
-          f"refused to load {module[:200]}.{name[:200]}: MXNet trainer-state"
-          " files hold only NDArrays, MXNet optimizers and MXNet learning-rate"
-          " schedulers, and nothing else is loaded from them (a pickle can run"
-          " arbitrary code). A custom scheduler or optimizer class cannot be"
-          " read.")
-    self.stack.append(where)
-
-  def step(self, name: str, arg: Any) -> None:
-    """One opcode: every opcode MXNet's pickles hold, and no other."""
-    if name in _ARGUMENTS:
-      if name == "LONG1" and arg.bit_length() > 8 * _MAX_LONG_BYTES:
-        raise FileError("refused: an integer wider than 64 bits.")
-      self.stack.append(arg)
-    elif name in _NEW:
-      self.stack.append(_NEW[name]())
-    elif name == "MARK":
-      self.marks.append(len(self.stack))
-    elif name == "TUPLE":
-      self.stack.append(tuple(self.pop_mark()))
-    elif name in _TUPLE_SIZES:
-      items = [self.pop() for _ in range(_TUPLE_SIZES[name])]
-      self.stack.append(tuple(reversed(items)))
-    elif name == "SETITEM":
-      value = self.pop()
-      key = self.pop()
-      self.set_items(self.top(), [key, value])
-    elif name == "SETITEMS":
-      items = self.pop_mark()
-      self.set_items(self.top(), items)
-    elif name == "APPEND":
-      value = self.pop()
-      self.append(self.top(), [value])
-    elif name == "APPENDS":
-      items = self.pop_mark()
-      self.append(self.top(), items)
-    else:
-      self.step_objects(name, arg)
-
-  def step_objects(self, name: str, arg: Any) -> None:
-    if name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
-      self.memoize(len(self.memo) if name == "MEMOIZE" else arg)
-    elif name in ("GET", "BINGET", "LONG_BINGET"):
-      self.get(arg)
-    elif name == "GLOBAL":
-      module, _, qualified = arg.partition(" ")
-      self.global_(module, qualified)
-    elif name == "STACK_GLOBAL":
-      qualified = self.pop()
-      self.global_(self.pop(), qualified)
-    elif name in ("REDUCE", "NEWOBJ"):
-      args = self.pop()
-      self.stack.append(self.call(self.pop(), args, name))
-    elif name == "BUILD":
-      state = self.pop()
-      self.build(self.top(), state)
-    elif name != "FRAME":
-      raise FileError(
-          f"refused: pickle opcode {name}, which MXNet's files never hold.")
+          f"corrupted pickle: a string before offset {machine.position} is not"
+          " UTF-8.") from None
+  return load
 
 
-_ARGUMENTS = frozenset({
-    "BININT", "BININT1", "BININT2", "LONG1", "BINFLOAT", "SHORT_BINUNICODE",
-    "BINUNICODE", "BINUNICODE8", "SHORT_BINBYTES", "BINBYTES", "BINBYTES8"})
-_NEW: dict[str, Callable[[], Any]] = {
-    "NONE": lambda: None, "NEWTRUE": lambda: True, "NEWFALSE": lambda: False,
-    "EMPTY_DICT": dict, "EMPTY_LIST": list, "EMPTY_TUPLE": tuple}
-_TUPLE_SIZES = {"TUPLE1": 1, "TUPLE2": 2, "TUPLE3": 3}
+def _bytes(length_format: str) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.push(machine.payload(length_format, "bytes", 1))
+  return load
+
+
+def _constant(value: Any) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.push(value)
+  return load
+
+
+def _empty(kind: Callable[[], Any], cost: int) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.budget.charge(cost)
+    machine.push(kind())
+  return load
+
+
+def _tuple_of(size: int) -> _Handler:
+  def load(machine: _Machine) -> None:
+    items = [machine.pop() for _ in range(size)]
+    machine.new_tuple(items[::-1])
+  return load
+
+
+def _memoize_at(fmt: str | None) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.memoize(len(machine.memo) if fmt is None
+                    else machine.unpack(fmt, "a memo index"))
+  return load
+
+
+def _get_at(fmt: str) -> _Handler:
+  def load(machine: _Machine) -> None:
+    machine.get(machine.unpack(fmt, "a memo index"))
+  return load
+
+
+def _mark(machine: _Machine) -> None:
+  machine.budget.charge(_REFERENCE)
+  machine.marks.append(len(machine.stack))
+
+
+def _setitem(machine: _Machine) -> None:
+  value = machine.pop()
+  key = machine.pop()
+  machine.set_items([key, value])
+
+
+def _append(machine: _Machine) -> None:
+  machine.append([machine.pop()])
+
+
+def _global(machine: _Machine) -> None:
+  module = machine.line("GLOBAL's module")
+  machine.global_(module, machine.line("GLOBAL's name"))
+
+
+def _stack_global(machine: _Machine) -> None:
+  name = machine.pop()
+  machine.global_(machine.pop(), name)
+
+
+def _frame(machine: _Machine) -> None:
+  size = machine.unpack("<Q", "FRAME's length")
+  if size > len(machine.data) - machine.position:
+    raise FileError(
+        f"truncated or corrupted pickle: a frame of {size} bytes at offset"
+        f" {machine.position}, {len(machine.data) - machine.position} left.")
+
+
+# Opcode byte -> handler, as in CPython's pickle._Unpickler: only the opcodes
+# MXNet's pickles hold. A handler returns True at STOP.
+_DISPATCH: dict[int, _Handler] = {
+    pickle.BININT1[0]: _number("<B"), pickle.BININT2[0]: _number("<H"),
+    pickle.BININT[0]: _number("<i"), pickle.LONG1[0]: _long1,
+    pickle.BINFLOAT[0]: _number(">d"),
+    pickle.SHORT_BINUNICODE[0]: _text("<B"), pickle.BINUNICODE[0]: _text("<I"),
+    pickle.BINUNICODE8[0]: _text("<Q"),
+    pickle.SHORT_BINBYTES[0]: _bytes("<B"), pickle.BINBYTES[0]: _bytes("<I"),
+    pickle.BINBYTES8[0]: _bytes("<Q"),
+    pickle.NONE[0]: _constant(None), pickle.NEWTRUE[0]: _constant(True),
+    pickle.NEWFALSE[0]: _constant(False), pickle.EMPTY_TUPLE[0]: _constant(()),
+    pickle.EMPTY_LIST[0]: _empty(list, _OBJECT),
+    pickle.EMPTY_DICT[0]: _empty(dict, _DICT),
+    pickle.MARK[0]: _mark,
+    pickle.TUPLE[0]: lambda m: m.new_tuple(m.pop_mark()),
+    pickle.TUPLE1[0]: _tuple_of(1), pickle.TUPLE2[0]: _tuple_of(2),
+    pickle.TUPLE3[0]: _tuple_of(3),
+    pickle.SETITEM[0]: _setitem,
+    pickle.SETITEMS[0]: lambda m: m.set_items(m.pop_mark()),
+    pickle.APPEND[0]: _append,
+    pickle.APPENDS[0]: lambda m: m.append(m.pop_mark()),
+    pickle.MEMOIZE[0]: _memoize_at(None), pickle.BINPUT[0]: _memoize_at("<B"),
+    pickle.LONG_BINPUT[0]: _memoize_at("<I"),
+    pickle.BINGET[0]: _get_at("<B"), pickle.LONG_BINGET[0]: _get_at("<I"),
+    pickle.GLOBAL[0]: _global, pickle.STACK_GLOBAL[0]: _stack_global,
+    pickle.REDUCE[0]: lambda m: m.call("REDUCE"),
+    pickle.NEWOBJ[0]: lambda m: m.call("NEWOBJ"),
+    pickle.BUILD[0]: lambda m: m.build(),
+    pickle.FRAME[0]: _frame,
+    pickle.STOP[0]: lambda m: True,
+}
 
 
 class _Finisher:
-  """Turns the machine's graph into the result: each object visited once,
-  NDArrays replaced by their arrays, records by :class:`PickledObject`."""
+  """Turns the machine's graph into the result, in place where it can: each
+  object visited once per occurrence (shared ones once), NDArrays replaced
+  by their arrays, records by :class:`PickledObject`; the tree's size is
+  charged to the budget."""
 
-  def __init__(self, max_elements: int):
-    self.max_elements = max_elements
-    self.done: dict[int, tuple[Any, int]] = {}  # id -> (result, tree size)
+  def __init__(self, budget: Budget, shared: set[int]):
+    self.budget = budget
+    self.shared = shared
+    self.done: dict[int, tuple[Any, int]] = {}  # id -> (result, tree cost)
     self.active: set[int] = set()
 
   def finish(self, value: Any, depth: int = 0) -> tuple[Any, int]:
-    if value is None or type(value) in (bool, int, float, str, bytes):
-      return value, 1
+    """``value`` finished, and its cost as a tree."""
+    if value is None or type(value) is bool:
+      return value, _REFERENCE
+    if type(value) in (int, float):
+      return value, _NUMBER
+    if type(value) is bytes or (type(value) is str and value.isascii()):
+      return value, _REFERENCE + _PER_BYTE * len(value)
+    if type(value) is str:
+      return value, _REFERENCE + _PER_CHARACTER * len(value)
     key = id(value)
     if key in self.done:
       return self.done[key]
@@ -372,37 +538,54 @@ class _Finisher:
       raise FileError(
           f"refused: objects nested deeper than {_MAX_DEPTH} (MXNet's files"
           " nest a few levels).")
-    self.active.add(key)
-    result, size = self.convert(value, depth + 1)
-    self.active.discard(key)
-    if size > self.max_elements:
-      raise FileError(
-          f"refused: the pickle's shared references expand to more than"
-          f" {self.max_elements} elements.")
-    self.done[key] = result, size
-    return result, size
+    shared = key in self.shared
+    if shared:  # only shared objects can be reached twice, or from inside
+      self.active.add(key)
+    result, cost = self.convert(value, depth + 1)
+    if cost > self.budget.left:
+      self.budget.charge(cost)  # refused
+    if shared:
+      self.active.discard(key)
+      self.done[key] = result, cost
+    return result, cost
 
   def convert(self, value: Any, depth: int) -> tuple[Any, int]:
     if isinstance(value, _Global):  # a tuple too: first
       raise FileError(
           f"refused: a bare reference to {value.module}.{value.name}.")
-    if type(value) in (list, tuple):
-      finished = [self.finish(v, depth) for v in value]
-      return (type(value)(r for r, _ in finished),
-              1 + sum(n for _, n in finished))
-    if isinstance(value, dict):
-      finished = {k: self.finish(v, depth) for k, v in value.items()}
-      return ({k: r for k, (r, _) in finished.items()},
-              1 + sum(n for _, n in finished.values()))
+    if type(value) is list:
+      total = _REFERENCE
+      for i, item in enumerate(value):
+        result, cost = self.finish(item, depth)
+        value[i] = result
+        total += cost
+      return value, total
+    if type(value) is tuple:
+      finished = [self.finish(item, depth) for item in value]
+      total = _REFERENCE + sum(cost for _, cost in finished)
+      if all(r is item for (r, _), item in zip(finished, value, strict=True)):
+        return value, total
+      self.budget.charge(_OBJECT + _REFERENCE * len(value))
+      return tuple(r for r, _ in finished), total
+    if type(value) is dict:
+      total = _REFERENCE
+      for k in value:  # values replaced in place: the keys stay
+        result, cost = self.finish(value[k], depth)
+        value[k] = result
+        total += cost + self.finish(k)[1]
+      return value, total
     if isinstance(value, _Pending):
       if value.state is None:
         raise FileError(
             f"corrupted: a pickled {value.where.name} without its state.")
       if value.where == _NDARRAY:
-        return value.array, 1
-      attributes, size = self.finish(value.state, depth)
+        array = value.array
+        return array, (_OBJECT + _PER_ARRAY_BYTE * array.nbytes
+                       + _PER_ARRAY_DIMENSION * array.ndim * array.size)
+      attributes, cost = self.finish(value.state, depth)
+      self.budget.charge(_RECORD)
       return PickledObject(f"{value.where.module}.{value.where.name}",
-                         attributes), 1 + size
+                           attributes), _RECORD + cost
     raise AssertionError(f"unexpected {type(value).__name__}")
 
 
@@ -410,30 +593,19 @@ def load_mxnet_pickle(data: bytes, decode_array: Callable[[bytes], Any]) -> Any:
   """The object an MXNet pickle holds, NDArrays decoded by ``decode_array``.
 
   Raises:
-    FileError: for anything but a pickle of what MXNet writes.
+    FileError: for anything but a pickle of what MXNet writes, or one that
+      needs more than its budget; also for any warning raised while reading.
   """
-  machine = _Machine(len(data), decode_array)
-  opcodes = 0
-  end = -1
+  budget = Budget(len(data))
   try:
-    for opcode, arg, position in pickletools.genops(data):
-      if opcodes == 0 and (opcode.name != "PROTO" or arg not in _PROTOCOLS):
-        raise FileError(
-            "not a pickle MXNet writes: expected pickle protocol 2 to 4"
-            f" (Python 3), got {opcode.name}"
-            f"{f' {arg}' if opcode.name == 'PROTO' else ''}.")
-      opcodes += 1
-      if opcode.name == "STOP":
-        end = position + 1  # pyright: ignore[reportOptionalOperand]
-      elif opcode.name != "PROTO":
-        machine.step(opcode.name, arg)
-  except (ValueError, UnicodeDecodeError) as e:
-    if isinstance(e, FileError):
-      raise
-    raise FileError(f"truncated or corrupted pickle ({e}).") from None
-  if end != len(data):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      machine = _Machine(data, budget, decode_array)
+      finisher = _Finisher(budget, machine.shared)
+      result, cost = finisher.finish(machine.run())
+      budget.charge(cost)
+  except Warning as e:
     raise FileError(
-        f"corrupted: {len(data) - end} bytes after the pickle's end.")
-  if len(machine.stack) != 1 or machine.marks:
-    raise FileError("corrupted pickle: it does not end with one object.")
-  return _Finisher(_ELEMENTS_PER_OPCODE * opcodes).finish(machine.stack[0])[0]
+        f"refused: reading it raised {type(e).__name__}"
+        f" {quoted(str(e))}.") from None
+  return result

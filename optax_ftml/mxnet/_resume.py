@@ -20,7 +20,7 @@ from optax_ftml.mxnet._files import TrainerStates
 from optax_ftml.mxnet._files import read_trainer_states
 from optax_ftml.mxnet._files import source_name
 from optax_ftml.mxnet._optimizer import ftml
-from optax_ftml.mxnet._pickle import RecordFields
+from optax_ftml.mxnet._records import RecordFields
 from optax_ftml.mxnet._schedules import lr_schedule
 
 _FTML_KEYS = ("beta1", "beta2", "epsilon", "wd", "rescale_grad",

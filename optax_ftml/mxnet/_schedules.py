@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_ftml.mxnet._pickle import PickledObject
-from optax_ftml.mxnet._pickle import RecordFields
+from optax_ftml.mxnet._records import PickledObject
+from optax_ftml.mxnet._records import RecordFields
 
 # Beyond this many updates, warm-ups and polynomial and cosine decays are
 # computed in float32 on the device (within a few float32 ulps of MXNet).
