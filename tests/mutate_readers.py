@@ -11,11 +11,12 @@ checks go wrong:
 * ``table``: two neighbouring values of a dict literal swapped (a dtype
   table's flags, a dispatch table's handlers).
 
-Each mutant runs the reader tests (``--tests``, default below) in a forked
-child that imports the mutated module in place of the file, with ``-x`` and a
-per-mutant time limit; a mutant is killed when a test fails or the limit
-passes. Tests that start their own Python process would not see the mutant:
-they are left out. Run from the repository root, under ``nice``:
+Each mutant runs the reader tests (``--tests``, default below, in tiers:
+the next runs only if the last passed) in a forked child that imports the
+mutated module in place of the file, with ``-x`` and a time limit; a mutant
+is killed when a test fails or the limit passes. Tests that start their own
+Python process would not see the mutant: they are left out. Run from the
+repository root, under ``nice``:
 
   PYTHONPATH=$PWD nice -n 19 python tests/mutate_readers.py --out mutants.jsonl
 
@@ -49,10 +50,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["optax_ftml/mxnet/_pickle.py", "optax_ftml/mxnet/_files.py",
            "optax_ftml/mxnet/_records.py"]
-TESTS = ["tests/test_reader_checks.py", "tests/test_mxnet_files.py",
-         "tests/test_hostile_files.py"]
-# Tests that read the module from disk in a subprocess of their own.
-SUBPROCESS_TESTS = [
+# In tiers: the next tier runs only on the mutants the last one let live.
+TESTS = ["tests/test_reader_checks.py",
+         "tests/test_mxnet_files.py,tests/test_hostile_files.py"]
+# Left out: tests that read the module from disk in a subprocess of their
+# own, and the truncation sweeps (a read per byte of a fixture: minutes under
+# load per mutant, and no check of their own).
+LEFT_OUT = [
+    "tests/test_mxnet_files.py::test_truncated_trainer_state_files_are_refused",
+    "tests/test_mxnet_files.py::test_truncated_or_extended_parameter_files_are_refused",
     "tests/test_hostile_files.py::test_named_hostile_files_are_refused_quickly_and_change_nothing",
     "tests/test_hostile_files.py::test_fuzzed_fixtures_read_or_raise_mxnet_file_error"]
 _EDGES = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt}
@@ -142,9 +148,19 @@ class _Mutant(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     exec(self.code, module.__dict__)
 
 
-def run_tests(module: str, path: pathlib.Path, code: Any, tests: list[str],
+def run_tests(module: str, path: pathlib.Path, code: Any, tiers: list[str],
               seconds: int) -> str:
-  """"killed", "survived" or "timeout" (killed), in a forked child."""
+  """"killed", "survived" or "timeout" (killed)."""
+  for tier in tiers:
+    outcome = run_tier(module, path, code, tier.split(","), seconds)
+    if outcome != "survived":
+      return outcome
+  return "survived"
+
+
+def run_tier(module: str, path: pathlib.Path, code: Any, tests: list[str],
+             seconds: int) -> str:
+  """One tier of tests on the mutant, in a forked child."""
   pid = os.fork()
   if pid == 0:
     status = 2
@@ -156,7 +172,7 @@ def run_tests(module: str, path: pathlib.Path, code: Any, tests: list[str],
       os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # a faster start
       status = pytest.main(["-x", "-q", "-p", "no:cacheprovider",
                             "--noconftest", *tests,
-                            *[f"--deselect={t}" for t in SUBPROCESS_TESTS]])
+                            *[f"--deselect={t}" for t in LEFT_OUT]])
     finally:
       os._exit(int(status))
   _, status = os.waitpid(pid, 0)
@@ -168,7 +184,8 @@ def run_tests(module: str, path: pathlib.Path, code: Any, tests: list[str],
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--modules", nargs="*", default=MODULES)
-  parser.add_argument("--tests", nargs="*", default=TESTS)
+  parser.add_argument("--tests", nargs="*", default=TESTS,
+                      help="tiers of tests, each a comma-separated list")
   parser.add_argument("--seconds", type=int, default=120,
                       help="per-mutant time limit")
   parser.add_argument("--out", type=pathlib.Path, default=None)
