@@ -13,8 +13,9 @@ checks go wrong:
 
 Each mutant runs the reader tests (``--tests``, default below, in tiers:
 the next runs only if the last passed) in a forked child that imports the
-mutated module in place of the file, with ``-x`` and a time limit; a mutant
-is killed when a test fails or the limit passes. Tests that start their own
+mutated module in place of the file and calls each test function (each
+parametrisation; warnings are errors, as in the suite) until one fails or a
+time limit passes, which kills the mutant. Tests that start their own
 Python process would not see the mutant: they are left out. Run from the
 repository root, under ``nice``:
 
@@ -32,20 +33,27 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import importlib
 import importlib.abc
 import importlib.util
+import inspect
 import json
 import os
 import pathlib
 import signal
 import sys
+import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
-import ml_dtypes  # noqa: F401 - imported once, before the forks
+# Imported once, before the forks (optax_ftml.mxnet imports JAX and Optax).
+import jax  # noqa: F401
+import ml_dtypes  # noqa: F401
 import numpy as np  # noqa: F401
-import pytest
+import optax  # noqa: F401
+import pytest  # noqa: F401
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["optax_ftml/mxnet/_pickle.py", "optax_ftml/mxnet/_files.py",
@@ -158,9 +166,30 @@ def run_tests(module: str, path: pathlib.Path, code: Any, tiers: list[str],
   return "survived"
 
 
+def _calls(test: Any) -> Iterator[dict[str, Any]]:
+  """The keyword arguments of each case of a test: its parametrisations
+  (``pytest.mark.parametrize``) and a fresh ``tmp_path``."""
+  cases: list[dict[str, Any]] = [{}]
+  for mark in getattr(test, "pytestmark", []):
+    if mark.name != "parametrize":
+      continue
+    names = mark.args[0]
+    names = [n.strip() for n in names.split(",")] if isinstance(names, str) else names
+    values = [tuple(v.values) if type(v).__name__ == "ParameterSet"
+              else (v,) if len(names) == 1 else tuple(v) for v in mark.args[1]]
+    cases = [{**case, **dict(zip(names, v, strict=True))}
+             for case in cases for v in values]
+  for case in cases:
+    if "tmp_path" in inspect.signature(test).parameters:
+      case = {**case, "tmp_path": pathlib.Path(tempfile.mkdtemp())}
+    yield case
+
+
 def run_tier(module: str, path: pathlib.Path, code: Any, tests: list[str],
              seconds: int) -> str:
-  """One tier of tests on the mutant, in a forked child."""
+  """One tier of tests on the mutant, in a forked child: each test function
+  called directly (no pytest start-up: the machine may be shared), stopping
+  at the first failure."""
   pid = os.fork()
   if pid == 0:
     status = 2
@@ -168,13 +197,20 @@ def run_tier(module: str, path: pathlib.Path, code: Any, tests: list[str],
       os.dup2(os.open(os.devnull, os.O_WRONLY), 1)
       os.dup2(1, 2)
       signal.alarm(seconds)
+      warnings.simplefilter("error")
       sys.meta_path.insert(0, _Mutant(module, path, code))
-      os.environ["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"  # a faster start
-      status = pytest.main(["-x", "-q", "-p", "no:cacheprovider",
-                            "--noconftest", *tests,
-                            *[f"--deselect={t}" for t in LEFT_OUT]])
+      for test_file in tests:
+        test_module = importlib.import_module(pathlib.Path(test_file).stem)
+        for name, test in list(vars(test_module).items()):
+          if (name.startswith("test_") and callable(test)
+              and f"{test_file}::{name}" not in LEFT_OUT):
+            for arguments in _calls(test):
+              test(**arguments)
+      status = 0
+    except BaseException:  # a failing test: the mutant is killed
+      status = 1
     finally:
-      os._exit(int(status))
+      os._exit(status)
   _, status = os.waitpid(pid, 0)
   if os.WIFSIGNALED(status):
     return "timeout" if os.WTERMSIG(status) == signal.SIGALRM else "killed"
@@ -198,6 +234,7 @@ def main() -> None:
         json.loads, args.again.read_text().splitlines())
              if r.get("outcome") == "survived"}
   os.chdir(ROOT)
+  sys.path.insert(0, str(ROOT / "tests"))
   # The unmutated reader must pass, or every mutant would look killed.
   tally = {"killed": 0, "survived": 0, "timeout": 0, "invalid": 0}
   survivors = []

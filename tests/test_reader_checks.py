@@ -186,6 +186,80 @@ def test_shared_references_are_charged_at_every_occurrence():
   refused(fanned_out(200), "budget")
 
 
+# The reader's documented costs, in bytes (optax_ftml/mxnet/_pickle.py's
+# docstring); a file's budget is 32 per byte of it plus 4096.
+DICT, NUMBER, OBJECT, RECORD, REFERENCE, DICT_ITEM, SHARED = (
+    232, 32, 64, 128, 8, 48, 128)
+PER_TEXT_BYTE, PER_BYTE, PER_CHARACTER = 4, 1, 10  # argument; result
+BUDGET_PER_BYTE, BUDGET_BASE = 32, 4096
+FTML_CLASS = (OBJECT + PER_TEXT_BYTE * 25 + REFERENCE  # the module's name
+              + OBJECT + PER_TEXT_BYTE * 4 + REFERENCE  # the class's
+              + OBJECT + REFERENCE)  # the global
+
+# Elements of a list: their bytes and their cost (reading them, the list's
+# reference to them, and the result as a tree).
+ELEMENTS = {
+    "empty list": (b"]", OBJECT + REFERENCE + REFERENCE + REFERENCE),
+    "shared list": (b"]\x94h\x00",  # first: memo index 0
+                    OBJECT + REFERENCE + REFERENCE + SHARED + REFERENCE
+                    + 2 * REFERENCE + 2 * REFERENCE),
+    "record": (FTML + b")\x81}b",
+               FTML_CLASS + REFERENCE + OBJECT + REFERENCE  # () and NEWOBJ
+               + DICT + REFERENCE + RECORD  # its state, the record made
+               + REFERENCE + RECORD + REFERENCE),  # the list's, the tree's
+    "non-ASCII text": (b"\x8c\x06" + "\u00e9\u00e9\u00e9".encode(),
+                       OBJECT + PER_TEXT_BYTE * 6 + REFERENCE + REFERENCE
+                       + REFERENCE + PER_CHARACTER * 3),
+}
+
+
+def ascii_text(length):
+  return (b"\x8c" + bytes([length]) + b"x" * length,
+          OBJECT + PER_TEXT_BYTE * length + REFERENCE * 2 + REFERENCE
+          + PER_TEXT_BYTE * length)
+
+
+def raw_bytes(length):
+  return (b"C" + bytes([length]) + b"\0" * length,
+          OBJECT + PER_BYTE * length + REFERENCE * 2 + REFERENCE
+          + PER_TEXT_BYTE * length)
+
+
+def list_file(extra: str, lists: int, text: int, raw: int) -> tuple[bytes, int]:
+  """``{0: [extra, [] * lists, "x" * text, b"\\0" * raw]}`` and its cost."""
+  parts = [ELEMENTS[extra], *[ELEMENTS["empty list"]] * lists,
+           ascii_text(text), raw_bytes(raw)]
+  data = P4 + b"}K\x00](" + b"".join(d for d, _ in parts) + b"es."
+  cost = (DICT + REFERENCE + NUMBER + REFERENCE + OBJECT + REFERENCE  # {0: [
+          + REFERENCE + DICT_ITEM  # MARK, SETITEM
+          + REFERENCE + NUMBER + REFERENCE  # the tree: {0: [
+          + sum(c for _, c in parts))
+  return data, cost
+
+
+def at_budget(extra: str, slack: int) -> bytes:
+  """A list file whose budget exceeds its cost by exactly ``slack``."""
+  for text in range(100):
+    for raw in range(100):
+      data, cost = list_file(extra, 0, text, raw)
+      left = BUDGET_PER_BYTE * len(data) + BUDGET_BASE - cost - slack
+      per_list = ELEMENTS["empty list"][1] - BUDGET_PER_BYTE  # > 0
+      if left >= 0 and left % per_list == 0:
+        data, cost = list_file(extra, left // per_list, text, raw)
+        assert BUDGET_PER_BYTE * len(data) + BUDGET_BASE - cost == slack
+        return data
+  raise AssertionError("no such file")
+
+
+@pytest.mark.parametrize("extra", list(ELEMENTS))
+def test_a_file_may_cost_exactly_its_budget_and_not_a_byte_more(extra):
+  """The budget is 32 bytes per byte of the file plus 4096, and each object
+  costs what the reader documents: a file costing exactly its budget reads,
+  one costing a byte more does not."""
+  assert read_states(at_budget(extra, 0))[0]
+  refused(at_budget(extra, -1), "budget")
+
+
 def test_an_object_containing_itself_is_refused():
   refused(P4 + b"}K\x00]\x94h\x00as.", "contains itself")
 
