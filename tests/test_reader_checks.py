@@ -191,10 +191,15 @@ def test_shared_references_are_charged_at_every_occurrence():
 DICT, NUMBER, OBJECT, RECORD, REFERENCE, DICT_ITEM, SHARED = (
     232, 32, 64, 128, 8, 48, 128)
 PER_TEXT_BYTE, PER_BYTE, PER_CHARACTER = 4, 1, 10  # argument; result
+PER_ARRAY_BYTE, PER_ARRAY_DIMENSION = 8, 4  # the result: its bytes, brackets
 BUDGET_PER_BYTE, BUDGET_BASE = 32, 4096
 FTML_CLASS = (OBJECT + PER_TEXT_BYTE * 25 + REFERENCE  # the module's name
               + OBJECT + PER_TEXT_BYTE * 4 + REFERENCE  # the class's
               + OBJECT + REFERENCE)  # the global
+
+# A (2, 3) float32 array in NDArray::Save's format.
+HANDLE = (struct.pack("<IIi2q", 0xF993FAC9, 0, 2, 2, 3) + struct.pack("<iii", 1, 0, 0)
+          + bytes(24))
 
 # Elements of a list: their bytes and their cost (reading them, the list's
 # reference to them, and the result as a tree).
@@ -207,6 +212,18 @@ ELEMENTS = {
                FTML_CLASS + REFERENCE + OBJECT + REFERENCE  # () and NEWOBJ
                + DICT + REFERENCE + RECORD  # its state, the record made
                + REFERENCE + RECORD + REFERENCE),  # the list's, the tree's
+    "array": (NDARRAY + b"N\x85R}\x8c\x06handleC" + bytes([len(HANDLE)]) + HANDLE
+              + b"sb",
+              OBJECT + PER_TEXT_BYTE * 21 + REFERENCE  # the class: module,
+              + OBJECT + PER_TEXT_BYTE * 7 + REFERENCE  # name,
+              + OBJECT + REFERENCE  # global
+              + REFERENCE + OBJECT + REFERENCE + REFERENCE  # (None,)
+              + OBJECT + REFERENCE  # REDUCE
+              + DICT + REFERENCE + OBJECT + PER_TEXT_BYTE * 6 + REFERENCE
+              + OBJECT + PER_BYTE * len(HANDLE) + REFERENCE + DICT_ITEM
+              + OBJECT + len(HANDLE)  # the decoded array
+              + REFERENCE  # the list's reference
+              + OBJECT + PER_ARRAY_BYTE * 24 + PER_ARRAY_DIMENSION * 2 * 6),
     "non-ASCII text": (b"\x8c\x06" + "\u00e9\u00e9\u00e9".encode(),
                        OBJECT + PER_TEXT_BYTE * 6 + REFERENCE + REFERENCE
                        + REFERENCE + PER_CHARACTER * 3),
@@ -258,6 +275,25 @@ def test_a_file_may_cost_exactly_its_budget_and_not_a_byte_more(extra):
   one costing a byte more does not."""
   assert read_states(at_budget(extra, 0))[0]
   refused(at_budget(extra, -1), "budget")
+
+
+def test_numbers_of_every_width():
+  data = states(b"(", b"K\xff", b"M\xff\xff", b"J\xff\xff\xff\xff",
+                b"\x8a\x02\x00\x80", b"G\x3f\xf8\x00\x00\x00\x00\x00\x00",
+                b"\x88\x89N", b"t")
+  assert read_states(data)[0] == (255, 65535, -1, -32768, 1.5, True, False, None)
+
+
+def test_the_stack_machine_refuses_what_does_not_fit():
+  refused(b"}\x04}.", "protocol 2 to 4")  # the first opcode is not PROTO
+  refused(states(b"](K\x00K\x01u"), "SETITEMS needs a dict")
+  refused(P4 + b"}(K\x00u.", "SETITEMS needs a dict and pairs")
+  refused(states(b"}(]e"), "APPENDS needs a list")
+  refused(states(b"K\x01)R"), "REDUCE of a int")
+  refused(states(b"K\x01)\x81"), "NEWOBJ of a int")
+  refused(states(FTML, b"]R"), "REDUCE of a _Global")
+  refused(P4 + b"\x94}.", "nothing to memoise")
+  refused(states(FTML), "bare reference")
 
 
 def test_an_object_containing_itself_is_refused():
