@@ -90,9 +90,19 @@ def _in_fstring(tree: ast.Module) -> set[int]:
           for child in ast.walk(node)}
 
 
+def _opcode_indices(tree: ast.Module) -> set[int]:
+  """The 0 in each ``pickle.OPCODE[0]``: a one-byte constant, whose index -1
+  is its index 0 (an equivalent mutant, not made)."""
+  return {id(node.slice) for node in ast.walk(tree)
+          if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute)
+          and isinstance(node.value.value, ast.Name)
+          and node.value.value.id == "pickle"}
+
+
 def sites(tree: ast.Module) -> Iterator[tuple[str, int, str, Any]]:
   """(kind, line, description, how to apply it to a copy of the node)."""
   skip = _docstring_nodes(tree) | _in_fstring(tree)
+  opcode_indices = _opcode_indices(tree)
   for node in ast.walk(tree):
     if id(node) in skip:
       continue
@@ -101,6 +111,8 @@ def sites(tree: ast.Module) -> Iterator[tuple[str, int, str, Any]]:
              (node, "test", ast.Constant(False)))
     elif (isinstance(node, ast.Constant) and type(node.value) is int):
       for delta in (1, -1):
+        if delta == -1 and id(node) in opcode_indices:
+          continue
         yield ("bound", node.lineno, f"{node.value} -> {node.value + delta}",
                (node, "value", node.value + delta))
     elif isinstance(node, ast.Compare):
@@ -230,7 +242,7 @@ def main() -> None:
   args = parser.parse_args()
   again = None
   if args.again:
-    again = {(r["module"], r["change"]) for r in map(
+    again = {(r["module"], r["line"], r["change"].split(" ", 1)[1]) for r in map(
         json.loads, args.again.read_text().splitlines())
              if r.get("outcome") == "survived"}
   os.chdir(ROOT)
@@ -249,7 +261,8 @@ def main() -> None:
     if baseline != "survived":
       sys.exit(f"{relative}: the tests fail without any mutation.")
     for kind, line, change, code in mutants(path):
-      if again is not None and (relative, change) not in again:
+      if again is not None and (
+          relative, line, change.split(" ", 1)[1]) not in again:
         continue
       start = time.monotonic()
       outcome = ("invalid" if code is None else

@@ -294,6 +294,13 @@ def test_the_stack_machine_refuses_what_does_not_fit():
   refused(states(FTML, b"]R"), "REDUCE of a _Global")
   refused(P4 + b"\x94}.", "nothing to memoise")
   refused(states(FTML), "bare reference")
+  refused(P4 + b"K\x00(\x85.", "underflow")  # TUPLE1 of nothing above a mark
+
+
+def test_an_argument_may_end_where_the_file_ends():
+  """Then the file lacks STOP: the argument is read, the next opcode is not."""
+  refused(P4 + b"}K\x00\x8c\x03abc", "an opcode needs 1 bytes")
+  refused(P4 + b"}K\x00\x8c\x04abc", "declares 4 bytes")
 
 
 def test_an_object_containing_itself_is_refused():
