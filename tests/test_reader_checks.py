@@ -472,3 +472,133 @@ def test_record_counts_are_int32_and_types_exact():
   assert f.of_type("absent", dict, default=None) is None
   with pytest.raises(mxnet.FileError, match="a dict"):
     f.of_type("n", dict)
+
+
+# --- The zip checks (MXNet 2's parameter files) ----------------------------------
+
+class _Unseekable(io.RawIOBase):
+  """A stream zipfile cannot seek back in: it writes data descriptors, as
+  MXNet 2's ``save_parameters`` does."""
+
+  def __init__(self):
+    self.data = bytearray()
+
+  def writable(self):
+    return True
+
+  def write(self, b):
+    self.data += b
+    return len(b)
+
+
+def two_members(descriptors=False, zip64=False) -> bytes:
+  members = {"a": npy(np.arange(3, dtype=np.float32)),
+             "b": npy(np.ones((2, 2), np.int8))}
+  stream = _Unseekable() if descriptors else io.BytesIO()
+  with zipfile.ZipFile(stream, "w") as archive:
+    for name, data in members.items():
+      info = zipfile.ZipInfo(name + ".npy", (2020, 1, 1, 0, 0, 0))
+      with archive.open(info, "w", force_zip64=zip64) as f:
+        f.write(data)
+  return bytes(stream.data) if descriptors else stream.getvalue()
+
+
+def patched(data: bytes, where: str, offset: int, fmt: str, value: int,
+            index: int = 0) -> bytes:
+  """``data`` with a field of the ``index``-th local header ("local"), central
+  directory entry ("central") or the end record ("end") replaced."""
+  signature = {"local": b"PK\x03\x04", "central": b"PK\x01\x02",
+               "end": b"PK\x05\x06"}[where]
+  at = -1
+  for _ in range(index + 1):
+    at = data.index(signature, at + 1)
+  out = bytearray(data)
+  struct.pack_into(fmt, out, at + offset, value)
+  return bytes(out)
+
+
+def both_headers(data, offset_local, offset_central, fmt, value):
+  data = patched(data, "local", offset_local, fmt, value)
+  return patched(data, "central", offset_central, fmt, value)
+
+
+def test_stored_members_with_data_descriptors_or_zip64_read():
+  for data in (two_members(), two_members(descriptors=True),
+               two_members(zip64=True)):
+    arrays = mxnet.read_params(data)
+    assert list(arrays) == ["a", "b"] and arrays["b"].dtype == np.int8
+
+
+ZIP_DAMAGE = {
+    "archive comment": (lambda d: d[:-2] + b"\x01\x00x",
+                        "not the file's last 22 bytes"),
+    "byte after the end record": (lambda d: d + b"\0", "last 22 bytes"),
+    "zip64 end record missing": (
+        lambda d: patched(d, "end", 12, "<I", 0xFFFFFFFF), "zip64 end record"),
+    "a second disk": (lambda d: patched(d, "end", 4, "<H", 1), "multi-disk"),
+    "entries on another disk": (lambda d: patched(d, "end", 8, "<H", 1),
+                                "multi-disk"),
+    "directory offset moved": (
+        lambda d: patched(d, "end", 16, "<I",
+                          struct.unpack_from("<I", d, len(d) - 6)[0] - 1),
+        "does not end where"),
+    "a central entry's signature": (
+        lambda d: patched(d, "central", 0, "<4s", b"PK\x01\x03", 1),
+        "central directory entry at offset|ends inside"),
+    "encrypted": (lambda d: both_headers(d, 6, 8, "<H", 1), "is encrypted"),
+    "deflated": (lambda d: both_headers(d, 8, 10, "<H", 8), "is compressed"),
+    "another flag": (lambda d: both_headers(d, 6, 8, "<H", 2),
+                     "unsupported flags 0x0002"),
+    "packed size": (lambda d: patched(d, "central", 20, "<I", 1),
+                    "declares 1 bytes stored"),
+    "one entry fewer": (
+        lambda d: patched(patched(d, "end", 8, "<H", 1), "end", 10, "<H", 1),
+        "more than its entries"),
+    "local name": (lambda d: patched(d, "local", 30, "<B", ord("c")),
+                   "disagrees with the central directory"),
+    "local CRC": (lambda d: patched(d, "local", 14, "<I", 7),
+                  "local header declares sizes"),
+    "local size": (lambda d: patched(d, "local", 22, "<I", 7),
+                   "local header declares sizes"),
+    "second member moved on": (
+        lambda d: patched(d, "central", 42, "<I",
+                          d.index(b"PK\x03\x04", 1) + 1, 1),
+        "gap after|disagrees"),
+    "second member moved back": (
+        lambda d: patched(d, "central", 42, "<I",
+                          d.index(b"PK\x03\x04", 1) - 1, 1),
+        "overlaps the one before"),
+    "member data changed": (
+        lambda d: d[:d.index(b"\x93NUMPY") + 100] + b"\x55"
+        + d[d.index(b"\x93NUMPY") + 101:], "fails its CRC"),
+}
+
+
+@pytest.mark.parametrize("damage", list(ZIP_DAMAGE))
+def test_zip_checks(damage):
+  change, message = ZIP_DAMAGE[damage]
+  assert mxnet.read_params(two_members())
+  refused(change(two_members()), message, mxnet.read_params)
+
+
+def test_data_descriptors_must_agree():
+  data = two_members(descriptors=True)
+  at = data.index(b"PK\x07\x08")
+  wrong = data[:at + 4] + b"\0\0\0\0" + data[at + 8:]  # the descriptor's CRC
+  refused(wrong, "data descriptor disagrees", mxnet.read_params)
+
+
+def test_bytes_between_the_members_and_the_directory_are_refused():
+  data = two_members()
+  cd = data.index(b"PK\x01\x02")
+  moved = data[:cd] + b"\0" + data[cd:]
+  moved = patched(moved, "end", 16, "<I", cd + 1)
+  refused(moved, "1 bytes between the members", mxnet.read_params)
+
+
+def test_zip_member_names():
+  flagged = both_headers(two_members(), 6, 8, "<H", 0x0800)
+  assert list(mxnet.read_params(flagged)) == ["a", "b"]
+  bad = patched(patched(flagged, "local", 30, "<B", 0xFF), "central", 46, "<B",
+                0xFF)
+  refused(bad, "not UTF-8", mxnet.read_params)
