@@ -1,4 +1,5 @@
-"""A plain-NumPy transcription of Apache MXNet's FTML (``ftml_update``).
+"""A plain-NumPy transcription of Apache MXNet's FTML (``ftml_update``, and
+MXNet 2's unfused ``FTML.step``: :func:`ftml_step`).
 
 Written from MXNet's kernel (``src/operator/optimizer_op-inl.h``: FTMLParam,
 FTMLKernel) and its Python optimizer, independently of ``optax_ftml``. The
@@ -87,6 +88,42 @@ def ftml_update(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
       (beta1 * slots.z + (one - beta1) * g) - (d_t - beta1 * slots.d) * weight)
   slots.d = store(d_t)
   return (-slots.z) / d_t
+
+
+def ftml_step(weight, grad, slots: FTMLSlots, *, lr, t, beta1=0.6,
+              beta2=0.999, epsilon=1e-8, wd=0.0, rescale_grad=1.0,
+              clip_gradient=None, mxnet_version=2):
+  """MXNet 2's ``FTML.step`` (``use_fused_step=False``); returns the new
+  weight, updates slots.
+
+  Transcribed from python/mxnet/optimizer/ftml.py (2.0.0b1): NDArray
+  operations in the weight dtype, one rounding each, with Python scalars
+  (doubles) rounded to the weight dtype where they meet an array; so
+  ``1 - beta2``, ``1 - beta1``, ``1 - beta2**t`` and ``(1 - beta1**t) / lr``
+  are computed in double first. ``nd.clip(g, -c, c)`` clips for any ``c``
+  that is not None, as ``x > c ? c : x < -c ? -c : x``. ``lr`` and ``wd``
+  are MXNet's ``lr * lr_mult`` and ``wd * wd_mult``, in double.
+  """
+  assert mxnet_version == 2, "FTML.step is MXNet 2's"
+  s = weight.dtype.type  # a Python scalar meeting an array
+  g = grad * s(rescale_grad)
+  if clip_gradient is not None:
+    high, low = s(clip_gradient), s(-clip_gradient)
+    g = np.where(g > high, high, np.where(g < low, low, g))
+  g = g + s(wd) * weight
+  coef1 = 1. - beta1**t
+  coef2 = 1. - beta2**t
+  slots.v = slots.v * s(beta2)
+  slots.v = slots.v + s(1. - beta2) * np.square(g)
+  sigma = s(-beta1) * slots.d
+  d = np.sqrt(slots.v / s(coef2)) + s(epsilon)
+  d = d * s(coef1 / lr)
+  sigma = sigma + d
+  slots.z = slots.z * s(beta1)
+  slots.z = slots.z + s(1. - beta1) * g
+  slots.z = slots.z - sigma * weight
+  slots.d = d
+  return -slots.z / d
 
 
 def trajectory(weights, xs, lrs, gradient_fn=None, *, update=ftml_update,

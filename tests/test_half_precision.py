@@ -93,7 +93,8 @@ MXNET_ARGS = {"lr": 0.01, "wd": 1e-3, "clip_gradient": 2.0}
 
 
 def mxnet_chain():
-  return optax_ftml.mxnet.ftml(0.01, wd=1e-3, clip_gradient=2.0)
+  return optax_ftml.mxnet.ftml(0.01, wd=1e-3, clip_gradient=2.0,
+                               mxnet_version=2)
 
 
 def assert_float16_weights_agree(masters, expected, at_most):

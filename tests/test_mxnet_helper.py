@@ -6,10 +6,12 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from helpers import noisy_pull
 from helpers import run
+from mxnet_reference import ftml_step
 from mxnet_reference import trajectory
 from optax_ftml import mxnet
 
@@ -71,7 +73,7 @@ def test_schedule_follows_mxnet_convention(problem):
   params, noise, target = problem
   table = (0.02 * 0.97 ** np.arange(STEPS + 1)).astype(np.float32)
   table_jax = jnp.asarray(table)
-  opt = mxnet.ftml(lambda num_update: table_jax[num_update])
+  opt = mxnet.ftml(lambda num_update: table_jax[num_update], mxnet_version=2)
   expected, _ = trajectory(params, noise, table[1:], noisy_pull(target))
   assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
 
@@ -90,7 +92,8 @@ def test_lr_mult_and_wd_mult(problem, dtype, scheduled):
   with jax.enable_x64(dtype == np.float64):
     table = jnp.asarray(rates.astype(dtype))
     opt = mxnet.ftml((lambda num_update: table[num_update]) if scheduled
-                     else 0.01, wd=0.05, lr_mult=lr_mult, wd_mult=wd_mult)
+                     else 0.01, wd=0.05, lr_mult=lr_mult, wd_mult=wd_mult,
+                     mxnet_version=2)
     ours = run(opt, params, noise, noisy_pull(target))[0]
   per_leaf = {k: dict(lr_mult=lr_mult[k], wd=0.05 * wd_mult[k]) for k in params}
   expected, _ = trajectory(params, noise, rates.astype(dtype)[1:],
@@ -104,7 +107,8 @@ def test_lr_mult_and_wd_mult(problem, dtype, scheduled):
 
 def test_zero_lr_mult_freezes_a_parameter(problem):
   params, noise, target = problem
-  trajectory = run(mxnet.ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}), params, noise,
+  trajectory = run(mxnet.ftml(0.01, lr_mult={"w": 1.0, "b": 0.0}, mxnet_version=2),
+                   params, noise,
                    noisy_pull(target))[0]
   np.testing.assert_array_equal(trajectory["b"][-1], params["b"])
   assert np.abs(trajectory["w"][-1] - params["w"]).max() > 0.1
@@ -114,7 +118,146 @@ def test_zero_lr_mult_freezes_a_parameter(problem):
 def test_falsy_or_negative_clip_disables_clipping(problem, disabled):
   params, noise, target = problem
   noise = jax.tree.map(lambda n: 10 * n, noise)  # well beyond any clip value
-  unclipped = run(mxnet.ftml(0.01), params, noise, noisy_pull(target))[0]
+  unclipped = run(mxnet.ftml(0.01, mxnet_version=2), params, noise,
+                  noisy_pull(target))[0]
   chex.assert_trees_all_equal(
-      run(mxnet.ftml(0.01, clip_gradient=disabled), params, noise,
-          noisy_pull(target))[0], unclipped)
+      run(mxnet.ftml(0.01, clip_gradient=disabled, mxnet_version=2), params,
+          noise, noisy_pull(target))[0], unclipped)
+
+
+def test_tuples_in_the_multiplier_tree_are_subtrees():
+  """Multipliers are matched to leaves by position in the tree: a tuple of
+  two floats is two leaves, however much it looks like an (lr, wd) pair."""
+  params = {"layer": (jnp.ones(3), jnp.ones(3)), "pair": (0.5, 2.0)}
+  params = jax.tree.map(jnp.asarray, params)
+  lr_mult = {"layer": (0.5, 2.0), "pair": (1.0, 0.0)}
+  wd_mult = {"layer": (1.0, 0.0), "pair": (0.0, 1.0)}
+  opt = mxnet.ftml(0.01, wd=0.1, lr_mult=lr_mult, wd_mult=wd_mult,
+                   mxnet_version=2)
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates, _ = opt.update(grads, opt.init(params), params)
+  for path, update in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    lr = lr_mult[path[0].key][path[1].idx]
+    wd = wd_mult[path[0].key][path[1].idx]
+    param = params[path[0].key][path[1].idx]
+    # The first step: -lr (1 - b1) / (1 - b1) * g / (|g| + eps), g = 1 + wd w.
+    g = 1 + np.float32(0.1 * wd) * np.asarray(param, np.float32)
+    np.testing.assert_allclose(update, -lr * 0.01 * g / (np.abs(g) + 1e-8)
+                               if lr else 0, rtol=1e-4)
+
+
+# --- MXNet 2's FTML.step (use_fused_step=False) ------------------------------
+
+@pytest.mark.parametrize("beta1, beta2, clip_gradient, rescale_grad, wd",
+                         list(itertools.product(
+                             [0.6, 0.7], [0.999, 0.9], [None, 0.4, 0, -0.3],
+                             [1.0, 0.14], [0.0, 0.05]))[::3])
+def test_unfused_step_matches_mxnet2_step(problem, beta1, beta2,
+                                          clip_gradient, rescale_grad, wd):
+  """100 steps of use_fused_step=False against the transcription of MXNet
+  2's FTML.step, clipping as nd.clip does (0 zeroes the gradient, a
+  negative bound flips it)."""
+  params, noise, target = problem
+  opt = mxnet.ftml(0.01, beta1, beta2, wd=wd, rescale_grad=rescale_grad,
+                   clip_gradient=clip_gradient, mxnet_version=2,
+                   use_fused_step=False)
+  expected, _ = trajectory(
+      params, noise, np.full(STEPS, 0.01), noisy_pull(target),
+      update=ftml_step, beta1=beta1, beta2=beta2, wd=wd,
+      rescale_grad=rescale_grad, clip_gradient=clip_gradient)
+  assert_close(run(opt, params, noise, noisy_pull(target))[0], expected)
+
+
+def ulps_from(actual, expected):
+  """The largest difference in ulps of the expected array's largest value."""
+  expected = np.asarray(expected)
+  return float(np.max(np.abs(np.asarray(actual, np.float64) - expected))
+               / np.spacing(np.max(np.abs(expected))))
+
+
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_unfused_state_is_mxnet2_steps_not_the_kernels(problem, scheduled):
+  """FTML.step's 1 - beta2 in double moves v by ~1.3e-5 relative (a hundred
+  float32 ulps) from the fused kernel's at beta2 = 0.999: the unfused state
+  is within a few ulps of the transcription, the fused one's v far from it.
+  A schedule's rate is float32 (MXNet's is double), which d barely sees."""
+  params, noise, target = problem
+  params, noise, target = ({"w": params["w"]}, {"w": noise["w"][:30]},
+                           {"w": target["w"]})
+  rates = 0.02 * 0.97 ** np.arange(31)
+  table = jnp.asarray(rates, jnp.float32)
+  rate = (lambda num_update: table[num_update]) if scheduled else 0.01
+  expected_rates = rates[1:] if scheduled else np.full(30, 0.01)
+  weights, slots = trajectory(params, noise, expected_rates,
+                              noisy_pull(target), update=ftml_step, wd=0.01)
+  expected = {"d": slots["w"].d, "v": slots["w"].v, "z": slots["w"].z}
+
+  def differences(fused):
+    ours, state = run(mxnet.ftml(rate, wd=0.01, mxnet_version=2,
+                                 use_fused_step=fused), params, noise,
+                      noisy_pull(target))
+    ftml_state = state[-1]
+    actual = {"d": ftml_state.d_prev["w"], "v": ftml_state.v["w"],
+              "z": ftml_state.z["w"], "weight": ours["w"][-1]}
+    return {k: ulps_from(actual[k], {**expected, "weight": weights["w"][-1]}[k])
+            for k in actual}
+
+  unfused, fused = differences(False), differences(True)
+  assert max(unfused.values()) <= 8, unfused
+  assert fused["v"] >= 50, fused
+
+
+def test_unfused_step_is_mxnet2s():
+  with pytest.raises(ValueError, match="use_fused_step=False is MXNet 2's"):
+    mxnet.ftml(0.01, mxnet_version=1, use_fused_step=False)
+
+
+# --- The version is explicit --------------------------------------------------
+
+def test_mxnet_version_is_required():
+  with pytest.raises(TypeError, match="mxnet_version"):
+    mxnet.ftml(0.01)  # pyright: ignore[reportCallIssue]
+
+
+@pytest.mark.parametrize("version, rate", [(1, 0.01), (2, 0.0025)])
+def test_default_learning_rate_is_the_versions(problem, version, rate):
+  """MXNet 1.x's FTML takes the base class's 0.01, MXNet 2's its own 0.0025."""
+  params, noise, target = problem
+  chex.assert_trees_all_equal(
+      run(mxnet.ftml(mxnet_version=version), params, noise,
+          noisy_pull(target))[0],
+      run(mxnet.ftml(rate, mxnet_version=version), params, noise,
+          noisy_pull(target))[0])
+
+
+# --- Under optax.inject_hyperparams ------------------------------------------
+
+def test_injected_hyperparameters_step_as_floats(problem):
+  """learning_rate, beta1, beta2, epsilon, wd and rescale_grad may be
+  injected (mxnet_version named static): the same numbers as floats."""
+  params, noise, target = problem
+  arguments = dict(learning_rate=0.01, beta1=0.7, beta2=0.99, epsilon=1e-6,
+                   wd=1e-2, rescale_grad=0.5, clip_gradient=0.3)
+  for version in (1, 2):
+    expected = run(mxnet.ftml(**arguments, mxnet_version=version), params,
+                   noise, noisy_pull(target))[0]
+    injected = optax.inject_hyperparams(
+        mxnet.ftml, static_args=("mxnet_version", "clip_gradient"))(
+            **arguments, mxnet_version=version)
+    chex.assert_trees_all_equal(
+        run(injected, params, noise, noisy_pull(target))[0], expected)
+
+
+@pytest.mark.parametrize("arguments, name", [
+    (dict(mxnet_version=2), "mxnet_version"),
+    (dict(clip_gradient=0.3), "clip_gradient"),
+    (dict(use_fused_step=False, beta2=0.99), "beta1"),
+])
+def test_injected_structural_hyperparameters_name_static_args(
+    problem, arguments, name):
+  params, noise, target = problem
+  static = () if name == "mxnet_version" else ("mxnet_version",)
+  injected = optax.inject_hyperparams(mxnet.ftml, static_args=static)
+  with pytest.raises(TypeError, match=rf"{name} must be .*static_args=\('{name}',\)"):
+    run(injected(0.01, wd=1e-4, **{"mxnet_version": 2, **arguments}), params,
+        noise, noisy_pull(target))

@@ -28,12 +28,12 @@ from optax_ftml.mxnet._files import _safe_loads
 ROOT = pathlib.Path(__file__).parent.parent
 FIXTURES = ROOT / "tests" / "mxnet_fixtures"
 # part -> (committed directory, its files that part holds): MXNet 2.0.0b1
-# records gluon2/, MXNet 1.9.1 the rest.
-MXNET2 = "gluon2"
+# records gluon2/, gluon2-unfused/ and gluon2-half/, MXNet 1.9.1 the rest.
+MXNET2 = ("gluon2", "gluon2-unfused", "gluon2-half")
 COMMITTED = {
-    "fixtures": (FIXTURES, lambda path: path.parts[0] != MXNET2),
+    "fixtures": (FIXTURES, lambda path: path.parts[0] not in MXNET2),
     "example": (ROOT / "optax_ftml" / "mxnet" / "example", lambda path: True),
-    "fixtures2": (FIXTURES, lambda path: path.parts[0] == MXNET2),
+    "fixtures2": (FIXTURES, lambda path: path.parts[0] in MXNET2),
 }
 RECORDING = os.environ.get("OPTAX_FTML_MXNET_RECORDING")
 RTOL = 1e-5

@@ -478,12 +478,13 @@ def scheduler_record(name, **changes):
 # Attributes MXNet pickles but FTML's resume does not read (lr too: a
 # scheduler replaces it), and the hostile values that are valid where they
 # are, as in MXNet: no clipping (None, or a negative bound), a negative
-# rescale_grad, multipliers for another name.
+# rescale_grad, multipliers for another name, multi_precision (which takes
+# effect through each state's form).
 UNREAD = ("_all_index_update_counts", "aggregate_num", "allow_np_array",
           "begin_num_update", "lr", "sym_info")
 VALID = {"clip_gradient": (None, -5), "rescale_grad": (-5,),
          "idx2name": ({"a": 1},), "lr_mult": ({"a": 1},),
-         "wd_mult": ({"a": 1},)}
+         "wd_mult": ({"a": 1},), "multi_precision": (True,)}
 
 
 def test_hostile_file_values_are_refused_or_give_finite_steps():
@@ -577,7 +578,6 @@ def test_a_long_step_list_is_one_comparison():
     ({"beta2": 1.0}, r"beta2 must be in \[0, 1\), got 1.0"),
     ({"epsilon": "1e-8"}, "epsilon is '1e-8'"),
     ({"num_update": -5}, r"num_update is -5; .* \[0, 2\*\*31\)"),
-    ({"multi_precision": True}, "multi_precision=True, which is not supported"),
     ({"multi_precision": "yes"}, "multi_precision is 'yes'"),
     ({"_index_update_count": [6]}, "_index_update_count is a list"),
     ({"lr_mult": {0: "2"}}, r"lr_mult\[0\] is '2'"),
@@ -691,3 +691,111 @@ def test_mxnet2_version_order_matters():
       lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
   with pytest.raises(AssertionError):
     check_run(run, record, trained)
+
+
+GLUON2_UNFUSED = FIXTURES / "gluon2-unfused"
+
+
+def mxnet2_gluon_setup(directory):
+  network, record = load(directory)
+  weights = mxnet.read_params(directory / "model.params")
+  trained = [n for n, req in network["grad_req"].items() if req != "null"]
+  params = {n: jnp.asarray(weights[n]) for n in trained}
+  return network, record, params, trained
+
+
+def test_mxnet2_unfused_run_continues_as_in_mxnet2():
+  """A run with use_fused_step=False (FTML.step): the pickle records it, and
+  the resumed optimizer follows it, as a resuming MXNet Trainer does. 30
+  continued steps."""
+  network, record, params, trained = mxnet2_gluon_setup(GLUON2_UNFUSED)
+  saved = mxnet.read_trainer_states(GLUON2_UNFUSED / "trainer.states")
+  assert saved.optimizer is not None
+  assert saved.optimizer.attributes["use_fused_step"] is False
+  optimizer, state = mxnet.resume(
+      saved, params, hyperparameters=gluon_multipliers(network, trained))
+  worst = check_continuation(optimizer, state, params, network, record,
+                             trained, lambda n, x: x, lambda n, x: x)
+  print(f"MXNet 2 unfused: worst differences {worst}")
+
+
+def test_mxnet2_unfused_run_is_not_the_fused_kernels():
+  """The fused kernel's arithmetic (1 - beta2 in float32) fails the
+  comparison with the unfused run."""
+  network, record, params, trained = mxnet2_gluon_setup(GLUON2_UNFUSED)
+  optimizer, state = mxnet.resume(
+      GLUON2_UNFUSED / "trainer.states", params,
+      hyperparameters={**gluon_multipliers(network, trained),
+                       "use_fused_step": True})
+  run = continue_run(
+      optimizer, state, params, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"]) for n in trained})
+  with pytest.raises(AssertionError):
+    check_run(run, record, trained)
+
+
+HALF_PRECISION = [FIXTURES / "gluon-half", FIXTURES / "gluon2-half"]
+
+
+def half_setup(directory):
+  network, record = load(directory)
+  weights = mxnet.read_params(directory / "model.params")
+  assert isinstance(weights, dict)
+  names = sorted(network["trainer_indices"], key=network["trainer_indices"].get)
+  params = {n: jnp.asarray(weights[n]) for n in names}
+  assert all(p.dtype == jnp.float16 for p in params.values())
+  return network, record, params, names
+
+
+@pytest.mark.parametrize("directory", HALF_PRECISION, ids=lambda d: d.name)
+def test_half_precision_run_continues_as_in_mxnet(directory):
+  """multi_precision=True with float16 weights (MXNet 1.9.1 and 2.0.0b1): the
+  float32 masters from the file are optimized, fed MXNet's float16 gradients
+  widened to float32; masters and FTML's state agree with MXNet's at every
+  step to float32 rounding, and the float16 weights (the masters' casts) are
+  within half a float16 ulp of MXNet's masters (so MXNet's float16 weights,
+  but where the two masters straddle a float16 tie)."""
+  network, record, params, names = half_setup(directory)
+  masters = mxnet.master_weights(directory / "trainer.states", params)
+  assert all(m.dtype == jnp.float32 for m in masters.values())
+  for name in names:  # MXNet's float16 weights are its masters' casts
+    np.testing.assert_array_equal(masters[name].astype(jnp.float16),
+                                  params[name])
+  optimizer, state = mxnet.resume(directory / "trainer.states", masters)
+  run = list(continue_run(
+      optimizer, state, masters, network["steps_after"],
+      lambda t: {n: jnp.asarray(record[f"{t}/grad/{n}"], jnp.float32)
+                 for n in names}))
+  master_record = {k.replace("/master/", "/weight/"): v
+                   for k, v in record.items() if "/master/" in k}
+  worst = check_run(iter(run), {**record, **master_record}, names)
+  mismatched = 0
+  for t, (ours, _) in enumerate(run):
+    for name in names:
+      half = np.asarray(ours[name]).astype(np.float16)
+      master = record[f"{t}/master/{name}"]
+      half_ulp = np.spacing(np.abs(master).astype(np.float16)).astype(
+          np.float32) / 2
+      # Where the masters straddle a float16 tie, by their float32 difference.
+      assert np.all(np.abs(half.astype(np.float32) - master)
+                    <= half_ulp + np.abs(np.asarray(ours[name]) - master)), (
+                        t, name)
+      mismatched += int(np.sum(half != record[f"{t}/weight/{name}"]))
+  print(f"{directory.name}: worst differences {worst}; {mismatched} float16"
+        " weights differ from MXNet's")
+
+
+def test_half_precision_file_needs_the_masters():
+  """The float16 weights are not what MXNet steps: the error says how to
+  resume the masters."""
+  _, _, params, _ = half_setup(FIXTURES / "gluon2-half")
+  with pytest.raises(ValueError, match=re.escape(
+      "masters = mxnet.master_weights(file, params)")):
+    mxnet.resume(FIXTURES / "gluon2-half" / "trainer.states", params)
+
+
+def test_master_weights_of_a_float32_run_are_the_params():
+  params = gluon_params()
+  masters = mxnet.master_weights(GLUON / "trainer.states", params)
+  assert all(jax.tree.leaves(jax.tree.map(lambda a, b: a is b, params,
+                                          masters)))

@@ -189,7 +189,7 @@ def test_valid_edge_hyperparameters_are_accepted(kwargs):
 ])
 def test_mxnet_ftml_refuses(kwargs, error, message):
   with refused(error, message):
-    mxnet.ftml(**kwargs)
+    mxnet.ftml(**{"mxnet_version": 2, **kwargs})
 
 
 # --- Traced hyperparameters give the numbers of Python floats ---------------
@@ -209,7 +209,8 @@ def test_traced_and_injected_hyperparameters_are_bit_identical_to_floats():
   chex.assert_trees_all_equal(
       traced(jax.tree.map(jnp.float32, hyper), weights, noise),
       (expected, state))
-  arguments = dict(learning_rate=0.01, beta1=0.7, beta2=0.99, epsilon=1e-6)
+  arguments = dict(learning_rate=0.01, beta1=0.7, beta2=0.99, epsilon=1e-6,
+                   mxnet_version=2)
   chex.assert_trees_all_equal(
       run(optax.inject_hyperparams(mxnet.ftml, static_args=(
           "wd", "rescale_grad", "mxnet_version"))(**arguments), weights, noise,
@@ -394,7 +395,7 @@ def test_mxnet_rounds_lr_times_lr_mult_once():
   with jax.enable_x64(True):
     weight = np.array([0.0, 0.5, -1.5])
     grad = np.array([0.3, -0.2, 0.05])
-    opt = mxnet.ftml(0.01, lr_mult={"w": 0.7})
+    opt = mxnet.ftml(0.01, lr_mult={"w": 0.7}, mxnet_version=2)
     params = {"w": jnp.asarray(weight)}
     updates, _ = opt.update({"w": jnp.asarray(grad)}, opt.init(params), params)
     ours = weight + np.asarray(updates["w"])
@@ -410,7 +411,7 @@ def test_mxnet_keeps_epsilon_in_double():
   with jax.enable_x64(True):
     weight = np.array([0.5, -1.0, 2.0])
     grad = np.array([0.1, -0.05, 0.2])
-    opt = mxnet.ftml(0.01, epsilon=0.1)
+    opt = mxnet.ftml(0.01, epsilon=0.1, mxnet_version=2)
     params = jnp.asarray(weight)
     updates, _ = opt.update(jnp.asarray(grad), opt.init(params), params)
     ours = weight + np.asarray(updates)

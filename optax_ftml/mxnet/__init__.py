@@ -6,7 +6,8 @@
 * :func:`read_params` and :func:`read_trainer_states` read MXNet's parameter
   and trainer-state files (no code in them is run); :func:`lr_schedule` turns
   a pickled learning-rate scheduler into a schedule.
-* :func:`resume` continues an MXNet run from those files.
+* :func:`resume` continues an MXNet run from those files
+  (:func:`master_weights`: a half-precision run's float32 master weights).
 """
 
 from optax_ftml.mxnet._files import TrainerStates
@@ -17,6 +18,7 @@ from optax_ftml.mxnet._optimizer import module_wd_mult
 from optax_ftml.mxnet._optimizer import to_flax_layout
 from optax_ftml.mxnet._records import FileError
 from optax_ftml.mxnet._records import PickledObject
+from optax_ftml.mxnet._resume import master_weights
 from optax_ftml.mxnet._resume import resume
 from optax_ftml.mxnet._schedules import lr_schedule
 
@@ -26,6 +28,7 @@ __all__ = (
     "TrainerStates",
     "ftml",
     "lr_schedule",
+    "master_weights",
     "module_wd_mult",
     "read_params",
     "read_trainer_states",

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable
 from collections.abc import Mapping
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,19 +71,26 @@ def _indices_by_leaf(names: list[str], states: Mapping[int, Any],
   return chosen
 
 
-def _ftml_arrays(state: Any, index: int) -> tuple[np.ndarray, ...]:
+class _LeafState(NamedTuple):
+  """A parameter's saved state: FTML's ``(d, v, z)`` and, with
+  ``multi_precision=True`` and a float16 weight, the float32 master weight."""
+
+  buffers: tuple[np.ndarray, np.ndarray, np.ndarray]
+  master: np.ndarray | None
+
+
+def _leaf_state(state: Any, index: int) -> _LeafState:
+  master = None
   if (isinstance(state, tuple) and len(state) == 2
       and isinstance(state[0], np.ndarray) and isinstance(state[1], tuple)):
-    raise ValueError(
-        f"mxnet.resume: the state of index {index} is a multi-precision"
-        " state (a float32 master weight and its FTML state), which is not"
-        " supported: save it with multi_precision=False (float32 weights).")
+    master, state = state
   if not (isinstance(state, tuple) and len(state) == 3
           and all(isinstance(x, np.ndarray) for x in state)):
     raise ValueError(
         f"mxnet.resume: the state of index {index} is not FTML's"
-        f" (d, v, z) arrays: {type(state).__name__}.")
-  return state
+        f" (d, v, z) arrays{' with a master weight' if master is not None else ''}:"
+        f" {type(state).__name__}.")
+  return _LeafState(state, master)
 
 
 def _per_leaf(f: RecordFields, key: str, indices: list[int],
@@ -127,14 +135,12 @@ def _step_count(f: RecordFields, indices: list[int]) -> int:
 def _file_hyperparameters(optimizer: PickledObject, indices: list[int]
                           ) -> tuple[dict[str, Any], int]:
   """ftml's arguments and the step count from a pickled FTML, each
-  checked to be what MXNet pickles."""
+  checked to be what MXNet pickles (their ranges when ftml is built)."""
   if optimizer.class_name != "FTML":
     raise FileError(
         f"the file holds an {optimizer.mxnet_class} optimizer, not FTML.")
   f = RecordFields(optimizer)
-  if f.of_type("multi_precision", bool, default=False):
-    raise FileError(
-        "the optimizer used multi_precision=True, which is not supported.")
+  f.of_type("multi_precision", bool, default=False)  # per state: _leaf_state
   values: dict[str, Any] = {
       key: f.real(key) for key in _FTML_KEYS if key != "clip_gradient"}
   clip = f.get("clip_gradient")
@@ -142,18 +148,17 @@ def _file_hyperparameters(optimizer: PickledObject, indices: list[int]
   scheduler = f.get("lr_scheduler")
   values["learning_rate"] = (f.real("lr") if scheduler is None
                              else lr_schedule(scheduler))
-  values["mxnet_version"] = (
-      2 if optimizer.mxnet_class.startswith("mxnet.optimizer.ftml") else 1)
+  # MXNet 2 moved FTML into its own module, and its step may be unfused.
+  if optimizer.mxnet_class.startswith("mxnet.optimizer.ftml"):
+    values["mxnet_version"] = 2
+    values["use_fused_step"] = f.of_type("use_fused_step", bool, default=True)
+  else:
+    values["mxnet_version"] = 1
   idx2name = f.of_type("idx2name", dict, default={})
   for key in ("lr_mult", "wd_mult"):
     multipliers = _per_leaf(f, key, indices, idx2name)
     if multipliers is not None:
       values[key] = multipliers
-  try:  # MXNet's ranges, as ftml checks them
-    ftml(**{k: v for k, v in values.items()
-                  if k not in ("lr_mult", "wd_mult")})
-  except (TypeError, ValueError) as e:
-    raise FileError(f"the pickled FTML's hyperparameters: {e}") from None
   return values, _step_count(f, indices)
 
 
@@ -223,29 +228,99 @@ def _multipliers_like(key: str, multipliers: Any, params: Any,
       [given.get(name, 1.0) for name in names])
 
 
-def _buffers(states: Mapping[int, Any], params: Any, names: list[str],
-             leaf_indices: list[int], layout: Any, by_default_order: bool
-             ) -> dict[str, list[np.ndarray]]:
-  """Each leaf's ``d_prev``, ``v``, ``z`` from its index's state, in the
-  leaf's layout."""
-  buffers: dict[str, list[np.ndarray]] = {"d_prev": [], "v": [], "z": []}
+def _leaf_states(states: Mapping[int, Any], params: Any, names: list[str],
+                 leaf_indices: list[int], layout: Any, by_default_order: bool
+                 ) -> list[_LeafState]:
+  """Each leaf's saved state, in the leaf's layout, its shape checked."""
+  out = []
   for name, index, leaf in zip(names, leaf_indices, jax.tree.leaves(params),
                                strict=True):
-    for key, array in zip(("d_prev", "v", "z"),
-                          _ftml_arrays(states[index], index), strict=True):
-      converted = layout(name, array) if layout is not None else array
-      if np.shape(converted) != np.shape(leaf):
+    saved = _leaf_state(states[index], index)
+    converted = [a if layout is None else layout(name, a)
+                 for a in (*saved.buffers, *[m for m in [saved.master]
+                                             if m is not None])]
+    buffers, master = tuple(converted[:3]), (converted[3] if len(converted) > 3
+                                             else None)
+    for array in converted:
+      if np.shape(array) != np.shape(leaf):
         raise ValueError(
             f"mxnet.resume: the state of index {index} has shape"
-            f" {np.shape(converted)} for leaf {name!r} of shape"
+            f" {np.shape(array)} for leaf {name!r} of shape"
             f" {np.shape(leaf)}" + ("" if layout else "; pass layout=... to"
                                     " convert MXNet's layout")
             + ("; the leaves took the file's indices in increasing order: if"
                " the trainer numbered them otherwise (the Module API: the"
                " symbol's order), pass indices={leaf name: trainer index}"
                if by_default_order else "") + ".")
-      buffers[key].append(converted)
-  return buffers
+    out.append(_LeafState(buffers, master))  # pyright: ignore[reportArgumentType]
+  return out
+
+
+def _read(trainer_states: str | os.PathLike | bytes | TrainerStates
+          ) -> tuple[TrainerStates, str]:
+  if isinstance(trainer_states, TrainerStates):
+    return trainer_states, "the trainer states"
+  return read_trainer_states(trainer_states), source_name(trainer_states)
+
+
+def master_weights(
+    trainer_states: str | os.PathLike | bytes | TrainerStates,
+    params: optax.Params,
+    *,
+    indices: Mapping[str, int] | None = None,
+    layout: Callable[[str, np.ndarray], np.ndarray] | None = None,
+) -> optax.Params:
+  """The float32 master weights of a ``multi_precision=True`` MXNet run.
+
+  With ``multi_precision=True`` and float16 weights, MXNet keeps a float32
+  copy of each weight in the trainer's states and steps that copy; the
+  float16 weight is its cast. To continue such a run, optimize these masters
+  (pass them to :func:`resume` as ``params``) and run the float16 model on
+  their cast: ``jax.tree.map(lambda m: m.astype(jnp.float16), masters)``;
+  ``jax.grad`` through the cast gives the float16 gradients widened to
+  float32, as MXNet feeds its master.
+
+  Args:
+    trainer_states: as for :func:`resume`.
+    params: the parameters (the float16 weights of MXNet's parameter file, in
+      JAX's layout), a pytree; ``indices`` and ``layout`` map them to the
+      file's states as for :func:`resume`.
+    indices: as for :func:`resume`.
+    layout: as for :func:`resume`.
+
+  Returns:
+    ``params`` with each leaf that has a master weight replaced by it
+    (float32); leaves without one (weights that were float32) are kept.
+
+  Raises:
+    FileError: (a ``ValueError``) if the file cannot be read safely.
+    ValueError: as :func:`resume`, for states that cannot be mapped onto
+      ``params``.
+  """
+  saved, _ = _read(trainer_states)
+  names = _leaf_names(params)
+  leaf_indices = _indices_by_leaf(names, saved.states, indices)
+  states = _leaf_states(saved.states, params, names, leaf_indices, layout,
+                        by_default_order=indices is None)
+  return jax.tree.structure(params).unflatten([
+      leaf if state.master is None else jnp.asarray(state.master)
+      for leaf, state in zip(jax.tree.leaves(params), states, strict=True)])
+
+
+def _check_masters(params: Any, names: list[str], states: list[_LeafState]
+                   ) -> None:
+  """Multi-precision states step float32 masters: ``params`` must be them."""
+  for name, leaf, state in zip(names, jax.tree.leaves(params), states,
+                               strict=True):
+    if state.master is not None and jnp.result_type(leaf) != jnp.float32:
+      raise ValueError(
+          f"mxnet.resume: the file was saved with multi_precision=True: leaf"
+          f" {name!r} ({jnp.result_type(leaf)}) has a float32 master weight,"
+          " which MXNet steps and casts to the float16 weight. Resume the"
+          " masters: masters = mxnet.master_weights(file, params) (same"
+          " indices and layout), then mxnet.resume(file, masters), and run"
+          " the model on jax.tree.map(lambda m: m.astype(jnp.float16),"
+          " masters).")
 
 
 def resume(
@@ -262,11 +337,19 @@ def resume(
   Reads MXNet's trainer-state file (without MXNet; see
   :func:`read_trainer_states`) and returns the optimizer with the file's
   hyperparameters (learning rate or scheduler, ``beta1``, ``beta2``,
-  ``epsilon``, ``wd``, ``rescale_grad``, ``clip_gradient``, MXNet's version)
+  ``epsilon``, ``wd``, ``rescale_grad``, ``clip_gradient``; MXNet's version,
+  from the optimizer's class: ``mxnet.optimizer.ftml.FTML`` is MXNet 2's,
+  whose ``use_fused_step`` the file records; Module files are MXNet 1.x's)
   and the state ``optimizer.init(params)`` would have after MXNet's updates:
   FTML's ``d``, ``v``, ``z`` and the step count. The next
   ``optimizer.update(grads, state, params)`` then computes the step MXNet
   would have computed next, to float32 rounding.
+
+  Half precision: a run saved with ``multi_precision=True`` and float16
+  weights keeps a float32 master copy of each weight in this file, and MXNet
+  steps the master (the float16 weight is its cast). Continue it on the
+  masters: ``masters = master_weights(file, params)`` (:func:`master_weights`),
+  ``resume(file, masters)``, and the float16 model on their cast.
 
   The parameter values themselves are in MXNet's parameter file (see
   :func:`read_params`); ``params`` must already hold them.
@@ -313,12 +396,13 @@ def resume(
 
   Raises:
     FileError: (a ``ValueError``) if the file cannot be read safely.
-    ValueError: if the file holds another optimizer or multi-precision
-      states; if a parameter has no state, the parameters were updated
-      different numbers of times, or states are left unmapped; if shapes do
-      not match after ``layout``; if a Module file comes without
-      ``learning_rate``, ``rescale_grad`` or ``num_update``; if the scheduler
-      is not one MXNet ships (:func:`lr_schedule`).
+    ValueError: if the file holds another optimizer; if a leaf with a
+      multi-precision state is not float32 (its master); if a parameter has
+      no state, the parameters were updated different numbers of times, or
+      states are left unmapped; if shapes do not match after ``layout``; if
+      a Module file comes without ``learning_rate``, ``rescale_grad`` or
+      ``num_update``; if the scheduler is not one MXNet ships
+      (:func:`lr_schedule`).
 
   Examples:
     A Gluon network (``Conv2D`` then ``Dense``) saved after 100 FTML steps,
@@ -347,11 +431,7 @@ def resume(
     ``hyperparameters={"wd_mult": {"0.bias": 0.0, "0.weight": 1.0, ...}}``;
     with Flax's layouts: ``layout=to_flax_layout``.
   """
-  if isinstance(trainer_states, TrainerStates):
-    saved, source = trainer_states, "the trainer states"
-  else:
-    saved = read_trainer_states(trainer_states)
-    source = source_name(trainer_states)
+  saved, source = _read(trainer_states)
   overrides = dict(hyperparameters or {})
   if not set(overrides) <= _HYPERPARAMETER_KEYS:
     raise ValueError(
@@ -378,10 +458,20 @@ def resume(
       arguments[key] = treedef.unflatten(file_values[key])  # per leaf
     elif arguments.get(key) is not None:
       arguments[key] = _multipliers_like(key, arguments[key], params, names)
-  buffers = _buffers(saved.states, params, names, leaf_indices, layout,
-                     by_default_order=indices is None)
-  optimizer = ftml(**arguments)
+  states = _leaf_states(saved.states, params, names, leaf_indices, layout,
+                        by_default_order=indices is None)
+  _check_masters(params, names, states)
+  try:  # MXNet's ranges, as ftml checks them
+    optimizer = ftml(**arguments)
+  except (TypeError, ValueError) as e:
+    if saved.optimizer is None or set(overrides) & {
+        "learning_rate", *_FTML_KEYS}:
+      raise
+    raise FileError(f"mxnet.resume: {source}: the pickled FTML's"
+                    f" hyperparameters: {e}") from None
+  buffers = zip(*(state.buffers for state in states), strict=True)
   state = _replace_ftml_buffers(
       optimizer.init(params), count,
-      {k: treedef.unflatten(v) for k, v in buffers.items()})
+      {k: treedef.unflatten(list(v))
+       for k, v in zip(("d_prev", "v", "z"), buffers, strict=True)})
   return optimizer, state

@@ -17,12 +17,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_ftml.mxnet._records import PickledObject
 from optax_ftml.mxnet._records import RecordFields
 
 # Beyond this many updates, warm-ups and polynomial and cosine decays are
-# computed in float32 on the device (within a few float32 ulps of MXNet).
+# computed in float32 on the device (within a few float32 ulps of MXNet), by
+# Optax's schedules where they compute the same (linear, exponential decay).
 _MAX_TABULATED_UPDATES = 2**20
 # Factor schedules are tabulated per decay, up to this many decays.
 _MAX_TABULATED_DECAYS = 10_000
@@ -40,9 +42,9 @@ def _warmup(f: RecordFields) -> Callable[[Any], jax.Array]:
     raise f.error("warmup_mode", mode, "'linear' or 'constant'")
   if mode == "constant":
     return lambda n: jnp.float32(begin)
-  return _tabulated(
+  return tabulated(
       lambda n: begin + (final - begin) * float(n) / float(steps), 0, steps - 1,
-      lambda n: jnp.float32(begin) + jnp.float32(final - begin) * n / steps)
+      optax.linear_schedule(begin, final, steps))
 
 
 def _factor(f: RecordFields) -> Callable[[Any], jax.Array]:
@@ -58,13 +60,15 @@ def _factor(f: RecordFields) -> Callable[[Any], jax.Array]:
       rates[-1] != stop):
     rates.append(max(rates[-1] * factor, stop))
   table, last = _float32_table(rates), len(rates) - 1
+  # Decay number k (k >= 1) applies from update count + k * step + 1 on.
+  beyond = optax.exponential_decay(
+      jnp.float32(table[-1]), step, jnp.float32(factor),
+      transition_begin=count + 1 + last * step, staircase=True)
 
   def rate(n):
     decays = jnp.maximum(0, (n - count - 1) // step)
-    beyond = jnp.float32(table[-1]) * jnp.float32(factor) ** (
-        jnp.maximum(decays - last, 0).astype(jnp.float32))
     return jnp.where(decays <= last, _lookup(table, decays),
-                     jnp.maximum(beyond, jnp.float32(stop)))
+                     jnp.maximum(beyond(n), jnp.float32(stop)))
 
   return rate
 
@@ -110,11 +114,16 @@ def _decay(f: RecordFields) -> Callable[[Any], jax.Array]:
     # (1 + cos(pi * done)) / 2 = sin(pi / 2 * (1 - done))**2, accurate near 0.
     shape = lambda remaining: jnp.sin(jnp.pi / 2 * remaining) ** 2
 
+  # Not optax.polynomial_schedule and cosine_decay_schedule: compiled, their
+  # 1 - count / steps can round below 0 at the end (XLA multiplies by
+  # 1 / steps), and a power of 1.5 of it is NaN; 1 + cos(pi * done) loses all
+  # relative precision near the end. The remaining fraction, exact, avoids
+  # both.
   def approximate(n):
     remaining = (max_update - jnp.minimum(n, max_update)) / max_steps
     return final + (start - final) * shape(remaining)
 
-  return _tabulated(exact, warmup, max_update, approximate)
+  return tabulated(exact, warmup, max_update, approximate)
 
 
 def _float32_table(rates: list[float]) -> np.ndarray:
@@ -127,8 +136,8 @@ def _lookup(table: np.ndarray, index: Any) -> jax.Array:
   return jnp.asarray(table)[jnp.clip(index, 0, len(table) - 1)]
 
 
-def _tabulated(rate: Callable[[int], float], first: int, last: int,
-               beyond: Callable[[Any], Any]) -> Callable[[Any], jax.Array]:
+def tabulated(rate: Callable[[int], float], first: int, last: int,
+              beyond: Callable[[Any], Any]) -> Callable[[Any], jax.Array]:
   """``rate(n)`` for ``first <= n <= last`` (the last rate after), tabulated
   while that is at most ``_MAX_TABULATED_UPDATES`` entries, ``beyond(n)``
   after those."""

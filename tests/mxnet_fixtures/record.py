@@ -13,6 +13,9 @@ writes, from fixed seeds, into tests/mxnet_fixtures/ (or --out):
   for a few steps, saved (model.params, trainer.states), then continued:
   continued.npz holds each continued step's gradients and MXNet's weights and
   FTML states after it; network.json the names, indices and multipliers.
+* gluon-half/: a float16 Gluon network trained with multi_precision=True
+  (weight decay and clipping), its continued.npz also holding the float32
+  master weights after each step.
 * module/: the same for the Module API (save_checkpoint with optimizer states).
 * schedulers/: MXNet's four schedulers pickled before their first call and
   mid-run, and the learning rates they return (lrs.json).
@@ -98,13 +101,17 @@ def random_batch_step(net, trainer, params, trained, rng, batch_size,
 
 def continue_and_record(step, trainer, params, indices, steps):
   """Takes ``steps`` more steps; returns each one's gradients and the
-  weights and FTML states after it, by "t/key/name", and the rates used."""
+  weights, float32 master weights (multi_precision) and FTML states after it,
+  by "t/key/name", and the rates used."""
   record, learning_rates = {}, []
   for t in range(steps):
     for name, grad in step().items():
       state = trainer._updaters[0].states[indices[name]]
       record[f"{t}/grad/{name}"] = grad
       record[f"{t}/weight/{name}"] = params[name].data().asnumpy()
+      if len(state) == 2:  # multi_precision: (float32 master, (d, v, z))
+        record[f"{t}/master/{name}"] = state[0].asnumpy()
+        state = state[1]
       for key, array in zip(("d", "v", "z"), state, strict=True):
         record[f"{t}/{key}/{name}"] = array.asnumpy()
     learning_rates.append(trainer.learning_rate)
@@ -116,6 +123,20 @@ def trainer_indices(net, trainer):
   position = {id(p): i for i, p in enumerate(trainer._params)}
   return {name: position[id(p)]
           for name, p in net._collect_params_with_prefix().items()}
+
+
+def save_and_continue(out, net, trainer, params, step, before, after):
+  """``before`` steps, the files MXNet saves, then ``after`` steps recorded
+  into continued.npz; returns the trainer's indices and the rates used."""
+  for _ in range(before):
+    step()
+  net.save_parameters(str(out / "model.params"))
+  trainer.save_states(str(out / "trainer.states"))
+  indices = trainer_indices(net, trainer)
+  record, learning_rates = continue_and_record(step, trainer, params, indices,
+                                               after)
+  save_npz(out / "continued.npz", record)
+  return indices, learning_rates
 
 
 def gluon_fixture(out):
@@ -147,14 +168,8 @@ def gluon_fixture(out):
 
   step = random_batch_step(net, trainer, params, trained, rng, batch_size)
 
-  for _ in range(before):
-    step()
-  net.save_parameters(str(out / "model.params"))
-  trainer.save_states(str(out / "trainer.states"))
-  indices = trainer_indices(net, trainer)
-  record, learning_rates = continue_and_record(step, trainer, params, indices,
-                                               after)
-  save_npz(out / "continued.npz", record)
+  indices, learning_rates = save_and_continue(out, net, trainer, params,
+                                              step, before, after)
   save_json(out / "network.json", {
       "batch_size": batch_size, "steps_before": before, "steps_after": after,
       "full_names": {n: p.name for n, p in params.items()},
@@ -164,6 +179,57 @@ def gluon_fixture(out):
       "lr_mult": {n: p.lr_mult for n, p in params.items()},
       "wd_mult": {n: p.wd_mult for n, p in params.items()},
       "learning_rates": learning_rates,
+  })
+
+
+class HalfDense(gluon.Block):
+  """``Dense`` from elementwise operations: MXNet's CPU ``FullyConnected``
+  refuses float16 (1.9.1: "only supported by CuDNN")."""
+
+  def __init__(self, units, in_units):
+    super().__init__()
+    self.shape = (units, in_units)
+    for name, shape in (("weight", self.shape), ("bias", (units,))):
+      setattr(self, name, gluon.Parameter(name, shape=shape)
+              if mx.__version__.startswith("2") else
+              self.params.get(name, shape=shape))
+
+  def forward(self, x):  # pylint: disable=arguments-differ
+    batch, (units, in_units) = x.shape[0], self.shape
+    full = (batch, units, in_units)
+    w = self.weight.data().reshape((1, units, in_units)).broadcast_to(full)
+    x = x.reshape((batch, 1, in_units)).broadcast_to(full)
+    return (x * w).sum(axis=2) + self.bias.data().reshape(
+        (1, units)).broadcast_to((batch, units))
+
+
+def half_precision_fixture(out, array, **optimizer):
+  """A float16 Gluon network trained with ``multi_precision=True`` (float32
+  master weights in the optimizer's states, weight decay, clipping), saved
+  and continued for 30 steps; ``optimizer`` adds FTML arguments. Used by
+  record.py (MXNet 1.9.1) and record2.py (MXNet 2.0.0b1)."""
+  out.mkdir(parents=True, exist_ok=True)
+  rng = np.random.RandomState(3)
+  batch_size, before, after = 8, 6, 30
+  net = gluon.nn.Sequential()
+  net.add(HalfDense(6, 36), gluon.nn.Activation("relu"), HalfDense(3, 6))
+  net.initialize(mx.init.Zero())
+  params = net._collect_params_with_prefix()
+  set_weights(params, rng, array)
+  net.cast("float16")
+  trainer = gluon.Trainer(net.collect_params(), "ftml", {
+      "learning_rate": 0.01, "wd": 0.01, "clip_gradient": 0.3,
+      "multi_precision": True, **optimizer})
+  trained = list(params)
+  step = random_batch_step(
+      lambda x: net(x.reshape((batch_size, 36))), trainer, params, trained,
+      rng, batch_size, lambda x: array(x).astype("float16"))
+  indices, learning_rates = save_and_continue(out, net, trainer, params,
+                                              step, before, after)
+  save_json(out / "network.json", {
+      "batch_size": batch_size, "steps_before": before, "steps_after": after,
+      "trainer_indices": indices, "learning_rates": learning_rates,
+      "dtypes": {n: np.dtype(p.data().dtype).name for n, p in params.items()},
   })
 
 
@@ -335,6 +401,7 @@ def main():
   args = parser.parse_args()
   assert mx.__version__ == "1.9.1", mx.__version__
   gluon_fixture(args.out / "gluon")
+  half_precision_fixture(args.out / "gluon-half", mx.nd.array)
   module_fixture(args.out / "module")
   scheduler_fixture(args.out / "schedulers")
   array_fixture(args.out / "arrays")

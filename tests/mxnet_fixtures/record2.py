@@ -14,6 +14,9 @@ learning_rate (MXNet 2 then sets the scheduler's base_lr to FTML's default
 continued.npz holds each continued step's gradients and MXNet's weights and
 FTML states after it, network.json the names, indices, multipliers and
 learning rates.
+The same network trained with use_fused_step=False (FTML.step) goes to
+gluon2-unfused/, 30 continued steps; a float16 network trained with
+multi_precision=True to gluon2-half/ (as record.py's gluon-half/).
 """
 
 import argparse
@@ -31,6 +34,7 @@ from mxnet import gluon
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from record import continue_and_record  # noqa: E402  (the 1.x recorder's)
+from record import half_precision_fixture  # noqa: E402
 from record import random_batch_step  # noqa: E402
 from record import save_json  # noqa: E402
 from record import save_npz  # noqa: E402
@@ -52,10 +56,10 @@ def network():
   return net, head
 
 
-def gluon2_fixture(out):
+def gluon2_fixture(out, after=8, **optimizer_arguments):
   out.mkdir(parents=True, exist_ok=True)
   rng = np.random.RandomState(2)
-  batch_size, before, after = 8, 6, 8
+  batch_size, before = 8, 6
   net, head = network()
   params = net.collect_params()
   set_weights(params, rng, mx.np.array)
@@ -64,7 +68,7 @@ def gluon2_fixture(out):
   scheduler = mx.lr_scheduler.FactorScheduler(
       step=3, factor=0.7, base_lr=0.05, warmup_steps=4, warmup_begin_lr=0.001)
   optimizer = mx.optimizer.FTML(wd=0.01, clip_gradient=0.3,
-                                lr_scheduler=scheduler)
+                                lr_scheduler=scheduler, **optimizer_arguments)
   trainer = gluon.Trainer(params, optimizer)
   trained = [n for n, p in params.items() if p.grad_req != "null"]
 
@@ -97,6 +101,11 @@ def main():
   args = parser.parse_args()
   assert mx.__version__ == "2.0.0beta1", mx.__version__
   gluon2_fixture(args.out / "gluon2")
+  # FTML.step, the NDArray arithmetic (in double: 1 - beta2, the bias
+  # corrections), which the pickled optimizer records and a Trainer resuming
+  # from the file follows.
+  gluon2_fixture(args.out / "gluon2-unfused", after=30, use_fused_step=False)
+  half_precision_fixture(args.out / "gluon2-half", mx.np.array)
 
 
 if __name__ == "__main__":
