@@ -224,6 +224,16 @@ ELEMENTS = {
               + OBJECT + len(HANDLE)  # the decoded array
               + REFERENCE  # the list's reference
               + OBJECT + PER_ARRAY_BYTE * 24 + PER_ARRAY_DIMENSION * 2 * 6),
+    "encoded bytes": (b"\x8c\x07_codecs\x8c\x06encode\x93\x8c\x05abcde"
+                      b"\x8c\x06latin1\x86R",
+                      OBJECT + PER_TEXT_BYTE * 7 + REFERENCE  # the class
+                      + OBJECT + PER_TEXT_BYTE * 6 + REFERENCE
+                      + OBJECT + REFERENCE
+                      + OBJECT + PER_TEXT_BYTE * 5 + REFERENCE  # the text
+                      + OBJECT + PER_TEXT_BYTE * 6 + REFERENCE  # "latin1"
+                      + OBJECT + 2 * REFERENCE + REFERENCE  # the arguments
+                      + OBJECT + PER_BYTE * 5 + REFERENCE  # the bytes made
+                      + REFERENCE + REFERENCE + PER_TEXT_BYTE * 5),
     "non-ASCII text": (b"\x8c\x06" + "\u00e9\u00e9\u00e9".encode(),
                        OBJECT + PER_TEXT_BYTE * 6 + REFERENCE + REFERENCE
                        + REFERENCE + PER_CHARACTER * 3),
@@ -295,6 +305,9 @@ def test_the_stack_machine_refuses_what_does_not_fit():
   refused(P4 + b"\x94}.", "nothing to memoise")
   refused(states(FTML), "bare reference")
   refused(P4 + b"K\x00(\x85.", "underflow")  # TUPLE1 of nothing above a mark
+  refused(P4 + b"K\x00(K\x01(\x85.", "underflow")  # above the last mark
+  refused(states(b"\x8c\x07_codecs\x8c\x06encode\x93C\x02ab\x8c\x06latin1"
+                 b"\x86R"), "encode of bytes, str")
 
 
 def test_an_argument_may_end_where_the_file_ends():
@@ -379,8 +392,8 @@ def test_shapes_numpy_can_hold():
   refused(params(array_record((2**31, 2**31, 2**2), data=b"")), "too many",
           mxnet.read_params)
   refused(params(array_record((1,) * 65)), "ndim 65", mxnet.read_params)
-  (many,) = mxnet.read_params(params(array_record((1,) * 32)))
-  assert many.ndim == 32
+  (many,) = mxnet.read_params(params(array_record((1,) * 64)))
+  assert many.ndim == 64
 
 
 def test_a_list_file_has_no_names_or_one_per_array():
@@ -413,6 +426,12 @@ def test_npy_data_is_exactly_what_its_shape_needs():
   assert mxnet.read_params(npz(w=member))["w"].shape == (2, 3)
   refused(npz(w=member + b"\0"), "bytes of data", mxnet.read_params)
   refused(npz(w=member[:-1]), "bytes of data", mxnet.read_params)
+
+
+def test_npy_shapes_numpy_can_hold():
+  header = npy(np.zeros(1, np.uint8))
+  huge = header.replace(b"(1,)", b"(4611686018427387904, 4)", 1)
+  refused(npz(w=huge), "too many elements", mxnet.read_params)
 
 
 def test_npy_fortran_order_is_honoured():
