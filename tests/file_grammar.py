@@ -12,7 +12,8 @@ the reader must return exactly; any other file must be read or refused with
 ``optax_ftml.mxnet.FileError``, within ``SECONDS_PER_BYTE`` (CPU time) and
 ``RESIDENT_BYTES_PER_BYTE`` times its size (plus a fixed overhead; resident
 growth is the child's peak resident set over its start), without changing the
-reader modules, ``sys.modules`` or the warning filters.
+reader modules, ``sys.modules`` or the warning filters, and with an error
+message of printable ASCII shorter than ``MAX_MESSAGE``.
 tests/test_generated_files.py runs 700 inputs; a longer run is
 
   python -W error tests/file_grammar.py --seed 1 --seconds 3600
@@ -56,6 +57,7 @@ SECONDS_PER_BYTE = 20e-6
 SECONDS_OVERHEAD = 2.0
 RESIDENT_BYTES_PER_BYTE = 64
 RESIDENT_OVERHEAD = 24 << 20
+MAX_MESSAGE = 600
 ADDRESS_SPACE_HEADROOM = 2 << 30
 
 DTYPE_FLAGS = {
@@ -508,12 +510,18 @@ def params_file(rng: random.Random, arrays: list[Array], names: list[bytes]
 
 def hostile_params(rng: random.Random) -> tuple[str, bytes]:
   kind = rng.choice(["header", "count", "magic", "storage", "ndim", "dims",
-                     "dtype", "names", "trailing", "many"])
+                     "dtype", "names", "trailing", "many", "many dims"])
   array = random_array(rng)
   record = bytearray(array_record(array))
   if kind == "many":
     n = log_uniform(rng, 100_000)
     return kind, params_file(rng, [array] * n, [])
+  if kind == "many dims":  # up to 64 dims, one of them wrong
+    dims = [rng.choice([1, 2**31, 2**62]) for _ in range(rng.randint(2, 64))]
+    dims[rng.randrange(len(dims))] = rng.choice([-1, -2**62, 2**63 - 1])
+    return kind, (struct.pack("<QQQ", 0x112, 0, 1)
+                  + struct.pack(f"<IIi{len(dims)}q", MAGIC_V2, 0, len(dims), *dims)
+                  + struct.pack("<iii", 1, 0, 0) + struct.pack("<Q", 0))
   if kind == "magic":
     record[:4] = struct.pack("<I", rng.choice([MAGIC_V1, 0, MAGIC_V3 + 1]))
   elif kind == "storage":
@@ -729,8 +737,12 @@ def read_in_child(reader: str, data: bytes, model: Any) -> dict[str, Any]:
     result = READERS[reader](data)
     outcome, message = "read", ""
   except Exception as e:  # every outcome is recorded; the parent judges
-    outcome, message = type(e).__name__, str(e)[:300]
+    outcome, message = type(e).__name__, str(e)
     result = None
+  # What a file says reaches a terminal escaped and short.
+  safe_message = message.isascii() and message.isprintable() and len(
+      message) < MAX_MESSAGE
+  message = message[:300]
   seconds = time.process_time() - start
   growth = resident_bytes("VmHWM") - start_resident
   changed = library_state() != before
@@ -744,7 +756,8 @@ def read_in_child(reader: str, data: bytes, model: Any) -> dict[str, Any]:
   elif model is not ANY:
     outcome = f"refused a well-formed file: {outcome}"
   return {"outcome": outcome, "message": message, "seconds": seconds,
-          "resident_growth": growth, "library_changed": changed}
+          "resident_growth": growth, "library_changed": changed,
+          "safe_message": safe_message}
 
 
 def run_forked(reader: str, data: bytes, model: Any, seconds_limit: float
@@ -776,7 +789,8 @@ def run_forked(reader: str, data: bytes, model: Any, seconds_limit: float
          if os.WIFSIGNALED(status) else
          f"exit {os.waitstatus_to_exitcode(status)}: {b''.join(chunks)[:300]!r}")
   return {"outcome": "crash", "message": how, "seconds": None,
-          "resident_growth": None, "library_changed": None}
+          "resident_growth": None, "library_changed": None,
+          "safe_message": None}
 
 
 def judge(size: int, result: dict[str, Any]) -> list[str]:
@@ -786,6 +800,8 @@ def judge(size: int, result: dict[str, Any]) -> list[str]:
     problems.append(f"outcome {result['outcome']}")
   if result["library_changed"]:
     problems.append("process state changed")
+  if result["safe_message"] is False:
+    problems.append("message not printable ASCII of bounded length")
   if (result["seconds"] is not None
       and result["seconds"] > SECONDS_PER_BYTE * size + SECONDS_OVERHEAD):
     problems.append("time")
