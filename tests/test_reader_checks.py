@@ -306,6 +306,7 @@ def test_the_stack_machine_refuses_what_does_not_fit():
   refused(states(FTML), "bare reference")
   refused(P4 + b"K\x00(\x85.", "underflow")  # TUPLE1 of nothing above a mark
   refused(P4 + b"K\x00(K\x01(\x85.", "underflow")  # above the last mark
+  refused(P4 + b"\x85.", "underflow")  # no mark, nothing on the stack
   refused(states(b"\x8c\x07_codecs\x8c\x06encode\x93C\x02ab\x8c\x06latin1"
                  b"\x86R"), "encode of bytes, str")
 
@@ -480,9 +481,19 @@ def test_record_reals_are_finite_and_in_their_closed_range():
     f.real("missing")
 
 
+def test_record_reals_below_2_to_the_64():
+  f = fields(wide=2**63, wider=2**64)
+  assert f.real("wide") == 2**63
+  with pytest.raises(mxnet.FileError, match="is 9223372036854775808;"):
+    f.count("wide")  # 64 bits: printed whole
+  with pytest.raises(mxnet.FileError, match="is an integer of 65 bits"):
+    f.real("wider")  # more: described
+
+
 def test_record_counts_are_int32_and_types_exact():
-  f = fields(n=2**31 - 1, big=2**31, negative=-1, flag=True, d={})
+  f = fields(n=2**31 - 1, big=2**31, negative=-1, flag=True, d={}, zero=0)
   assert f.count("n") == 2**31 - 1
+  assert f.count("zero") == 0
   for key in ("big", "negative", "flag"):
     with pytest.raises(mxnet.FileError, match=key):
       f.count(key)
