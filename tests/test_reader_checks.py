@@ -397,6 +397,16 @@ def test_shapes_numpy_can_hold():
   assert many.ndim == 64
 
 
+def test_elements_below_2_to_the_59():
+  """Any dtype's bytes (at most 16 an element) must fit NumPy's int64 sizes:
+  fewer than 2**63 // 16 elements, empty dims aside."""
+  refused(params(array_record((2**59,), data=b"")), "too many elements",
+          mxnet.read_params)
+  refused(params(array_record((0, 2**59), data=b"")), "too many elements",
+          mxnet.read_params)
+  refused(params(array_record((2**59 - 1,), data=b"")), "needs", mxnet.read_params)
+
+
 def test_a_list_file_has_no_names_or_one_per_array():
   one = params(array_record((1,)))
   assert len(mxnet.read_params(one)) == 1
@@ -433,6 +443,16 @@ def test_npy_shapes_numpy_can_hold():
   header = npy(np.zeros(1, np.uint8))
   huge = header.replace(b"(1,)", b"(4611686018427387904, 4)", 1)
   refused(npz(w=huge), "too many elements", mxnet.read_params)
+
+
+def test_npz_names_are_distinct():
+  member = npy(np.zeros(2, np.float32))
+  buffer = io.BytesIO()
+  with pytest.warns(UserWarning, match="Duplicate name"), zipfile.ZipFile(
+      buffer, "w") as archive:
+    archive.writestr("w.npy", member)
+    archive.writestr("w.npy", member)
+  refused(buffer.getvalue(), "duplicate names", mxnet.read_params)
 
 
 def test_npy_fortran_order_is_honoured():
