@@ -631,6 +631,17 @@ def test_zip_checks(damage):
   refused(change(two_members()), message, mxnet.read_params)
 
 
+def test_zip64_records_and_fields_must_be_whole():
+  wide_end = b"PK\x05\x06" + struct.pack("<HHHHIIH", 0, 0, 0, 0, 0xFFFFFFFF, 0, 0)
+  refused(wide_end, "zip64 end record is missing", mxnet.read_params)
+  data = two_members(zip64=True)
+  extra_at = data.index(b"PK\x03\x04") + 30 + len("a.npy")
+  assert struct.unpack_from("<H", data, extra_at)[0] == 1  # the zip64 field
+  longer = bytearray(data)
+  struct.pack_into("<H", longer, extra_at + 2, 17)
+  refused(bytes(longer), "extra field runs past its end", mxnet.read_params)
+
+
 def test_data_descriptors_must_agree():
   data = two_members(descriptors=True)
   at = data.index(b"PK\x07\x08")
