@@ -407,6 +407,29 @@ def test_elements_below_2_to_the_59():
   refused(params(array_record((2**59 - 1,), data=b"")), "needs", mxnet.read_params)
 
 
+def test_counts_and_ndims_are_bounded_by_the_bytes_left():
+  """Before anything is allocated: 24 bytes at least per array, 8 per dim."""
+  arrays = struct.pack("<QQ", 0x112, 0) + struct.pack("<Q", 4) + bytes(96)
+  refused(arrays, "starts with 0x00000000", mxnet.read_params)  # 4 fit
+  refused(arrays.replace(struct.pack("<Q", 4), struct.pack("<Q", 5), 1),
+          "5 arrays cannot fit", mxnet.read_params)
+  ten_dims = (struct.pack("<QQQ", 0x112, 0, 1) + struct.pack("<IIi", V2, 0, 10)
+              + bytes(75))
+  refused(ten_dims, "has ndim 10", mxnet.read_params)
+  refused(ten_dims + bytes(5), "truncated", mxnet.read_params)
+
+
+def test_a_path_is_read_to_the_size_it_declares():
+  refused("/proc/self/status", "its size is not the 0 bytes", mxnet.read_params)
+
+
+def test_a_pickled_ndarray_is_one_array():
+  handle = b"\0" * 24
+  data = states(NDARRAY, b"N\x85R}\x8c\x06handleC", bytes([len(handle)]), handle,
+                b"sb")
+  refused(data, "array 0 starts with", mxnet.read_trainer_states)
+
+
 def test_a_list_file_has_no_names_or_one_per_array():
   one = params(array_record((1,)))
   assert len(mxnet.read_params(one)) == 1
