@@ -409,7 +409,7 @@ def test_elements_below_2_to_the_59():
 
 def test_counts_and_ndims_are_bounded_by_the_bytes_left():
   """Before anything is allocated: 24 bytes at least per array, 8 per dim."""
-  arrays = struct.pack("<QQ", 0x112, 0) + struct.pack("<Q", 4) + bytes(96)
+  arrays = struct.pack("<QQ", 0x112, 0) + struct.pack("<Q", 4) + bytes(119)
   refused(arrays, "starts with 0x00000000", mxnet.read_params)  # 4 fit
   refused(arrays.replace(struct.pack("<Q", 4), struct.pack("<Q", 5), 1),
           "5 arrays cannot fit", mxnet.read_params)
@@ -660,9 +660,13 @@ def test_zip64_records_and_fields_must_be_whole():
   data = two_members(zip64=True)
   extra_at = data.index(b"PK\x03\x04") + 30 + len("a.npy")
   assert struct.unpack_from("<H", data, extra_at)[0] == 1  # the zip64 field
-  longer = bytearray(data)
-  struct.pack_into("<H", longer, extra_at + 2, 17)
-  refused(bytes(longer), "extra field runs past its end", mxnet.read_params)
+  for size, message in ((17, "runs past its end"), (14, "runs past its end"),
+                        (12, "without its zip64 value")):
+    # The field's 16 bytes (two sizes) declared as ``size``: what follows is
+    # read as the next field's header.
+    changed = bytearray(data)
+    struct.pack_into("<H", changed, extra_at + 2, size)
+    refused(bytes(changed), message, mxnet.read_params)
 
 
 def test_data_descriptors_must_agree():
