@@ -669,6 +669,16 @@ def test_zip64_records_and_fields_must_be_whole():
     refused(bytes(changed), message, mxnet.read_params)
 
 
+def test_central_directory_entries_lie_inside_it():
+  data = two_members()
+  cd, end = data.index(b"PK\x01\x02"), len(data) - 22
+  assert end - cd == 2 * (46 + len("a.npy"))
+  def cut(size):  # the directory cut to ``size`` bytes, the end record told
+    return patched(data[:cd + size] + data[end:], "end", 12, "<I", size)
+  refused(cut(96), "ends inside an entry", mxnet.read_params)  # 2nd header
+  refused(cut(97), "central directory entry at offset", mxnet.read_params)
+
+
 def test_data_descriptors_must_agree():
   data = two_members(descriptors=True)
   at = data.index(b"PK\x07\x08")
