@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 from collections.abc import Callable
@@ -11,6 +12,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import optax
 
@@ -26,6 +28,8 @@ from optax_ftml.mxnet._schedules import lr_schedule
 
 _FTML_KEYS = ("beta1", "beta2", "epsilon", "wd", "rescale_grad",
               "clip_gradient")
+# The largest multiplier a file may give (MXNet's kernel computes in float32).
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 # What hyperparameters= may override: ftml's arguments.
 _HYPERPARAMETER_KEYS = frozenset(inspect.signature(ftml).parameters)
 
@@ -86,11 +90,36 @@ def _leaf_state(state: Any, index: int) -> _LeafState:
     master, state = state
   if not (isinstance(state, tuple) and len(state) == 3
           and all(isinstance(x, np.ndarray) for x in state)):
-    raise ValueError(
-        f"mxnet.resume: the state of index {index} is not FTML's"
-        f" (d, v, z) arrays{' with a master weight' if master is not None else ''}:"
-        f" {type(state).__name__}.")
+    raise FileError(
+        f"the state of index {index} is not FTML's (d, v, z) arrays"
+        f"{' with a master weight' if master is not None else ''}:"
+        f" {type(state).__name__}"
+        f"{f' of {len(state)}' if isinstance(state, (tuple, list)) else ''}.")
   return _LeafState(state, master)
+
+
+@dataclasses.dataclass(frozen=True)
+class _FileArray:
+  """An array from the file and what it is, until it is cast to the dtype
+  ``init`` gives its buffer (a leaf of JAX's trees)."""
+  array: np.ndarray
+  what: str
+
+
+def _cast(file_array: _FileArray, dtype: Any) -> np.ndarray:
+  """The file's array in ``dtype``: refused unless every value is finite
+  there (a cast must not make infinities or keep NaN), and cast with NumPy's
+  floating-point warnings raised."""
+  values = np.asarray(file_array.array)
+  wide = values.astype(np.float64)
+  outside = ~(np.abs(wide) <= float(ml_dtypes.finfo(dtype).max))  # NaN too
+  if outside.any():
+    name = np.dtype(dtype).name
+    raise FileError(
+        f"{file_array.what} holds {wide[outside][0]!r}, which is not a finite"
+        f" {name}: the state in {name} cannot hold it.")
+  with np.errstate(all="raise"):
+    return values.astype(dtype)
 
 
 def _per_leaf(f: RecordFields, key: str, indices: list[int],
@@ -102,11 +131,13 @@ def _per_leaf(f: RecordFields, key: str, indices: list[int],
     return None
   def lookup(index):
     if index in table:
-      return float(f.real(f"{key}[{index}]", 0.0, value=table[index]))
+      return float(f.real(f"{key}[{index}]", 0.0, _FLOAT32_MAX,
+                          value=table[index]))
     name = idx2name.get(index)
     if name is not None and type(name) is not str:
       raise f.error(f"idx2name[{index}]", name, "a string")
-    return float(f.real(f"{key}[{name!r}]", 0.0, value=table.get(name, 1.0)))
+    return float(f.real(f"{key}[{name!r}]", 0.0, _FLOAT32_MAX,
+                        value=table.get(name, 1.0)))
   return [lookup(index) for index in indices]
 
 
@@ -146,8 +177,19 @@ def _file_hyperparameters(optimizer: PickledObject, indices: list[int]
   clip = f.get("clip_gradient")
   values["clip_gradient"] = None if clip is None else f.real("clip_gradient")
   scheduler = f.get("lr_scheduler")
-  values["learning_rate"] = (f.real("lr") if scheduler is None
-                             else lr_schedule(scheduler))
+  if scheduler is None:
+    values["learning_rate"] = f.real("lr")
+  elif not isinstance(scheduler, PickledObject):
+    raise f.error("lr_scheduler", scheduler, "a learning-rate scheduler or None")
+  else:
+    try:
+      values["learning_rate"] = lr_schedule(scheduler)
+    except FileError:
+      raise
+    except ValueError as e:  # a scheduler lr_schedule does not support
+      raise FileError(
+          f"the pickled FTML's lr_scheduler: {e}".replace(
+              "mxnet.lr_schedule: ", "")) from None
   # MXNet 2 moved FTML into its own module, and its step may be unfused.
   if optimizer.mxnet_class.startswith("mxnet.optimizer.ftml"):
     values["mxnet_version"] = 2
@@ -174,7 +216,7 @@ def _replace_ftml_buffers(state: Any, count: int, buffers: Mapping[str, Any]
   def fill(masked, full):
     return jax.tree.map(
         lambda m, f: m if isinstance(m, optax.MaskedNode) else jax.device_put(
-            np.asarray(f, m.dtype), m.sharding), masked, full,
+            _cast(f, m.dtype), m.sharding), masked, full,
         is_leaf=lambda x: isinstance(x, optax.MaskedNode))
 
   def replace(s):
@@ -293,18 +335,25 @@ def master_weights(
     (float32); leaves without one (weights that were float32) are kept.
 
   Raises:
-    FileError: (a ``ValueError``) if the file cannot be read safely.
+    FileError: (a ``ValueError``) for anything wrong with the file's
+      content, naming the file: as :func:`resume` (states that are not
+      FTML's, a master weight not finite in float32).
     ValueError: as :func:`resume`, for states that cannot be mapped onto
       ``params``.
   """
-  saved, _ = _read(trainer_states)
+  saved, source = _read(trainer_states)
   names = _leaf_names(params)
   leaf_indices = _indices_by_leaf(names, saved.states, indices)
-  states = _leaf_states(saved.states, params, names, leaf_indices, layout,
-                        by_default_order=indices is None)
-  return jax.tree.structure(params).unflatten([
-      leaf if state.master is None else jnp.asarray(state.master)
-      for leaf, state in zip(jax.tree.leaves(params), states, strict=True)])
+  try:
+    states = _leaf_states(saved.states, params, names, leaf_indices, layout,
+                          by_default_order=indices is None)
+    return jax.tree.structure(params).unflatten([
+        leaf if state.master is None else jnp.asarray(_cast(_FileArray(
+            state.master, f"the master weight of index {index}"), np.float32))
+        for leaf, state, index in zip(jax.tree.leaves(params), states,
+                                      leaf_indices, strict=True)])
+  except FileError as e:  # the file's content: named with the file
+    raise FileError(f"mxnet.master_weights: {source}: {e}") from None
 
 
 def _check_masters(params: Any, names: list[str], states: list[_LeafState]
@@ -395,14 +444,27 @@ def resume(
     (:func:`~optax_ftml.mxnet.ftml`) and its state for ``params``.
 
   Raises:
-    FileError: (a ``ValueError``) if the file cannot be read safely.
-    ValueError: if the file holds another optimizer; if a leaf with a
-      multi-precision state is not float32 (its master); if a parameter has
-      no state, the parameters were updated different numbers of times, or
-      states are left unmapped; if shapes do not match after ``layout``; if
-      a Module file comes without ``learning_rate``, ``rescale_grad`` or
-      ``num_update``; if the scheduler is not one MXNet ships
-      (:func:`lr_schedule`).
+    FileError: (a ``ValueError``) for anything wrong with the file's content,
+      in reading, checking or building the optimizer from it, the message
+      naming the file and what is wrong: the file cannot be read safely
+      (:func:`read_trainer_states`); it holds another optimizer, or states
+      that are not FTML's ``(d, v, z)`` arrays (with a master weight); its
+      ``lr_scheduler`` is not a scheduler MXNet ships (:func:`lr_schedule`)
+      or has attributes outside MXNet's ranges; its hyperparameters are ones
+      :func:`~optax_ftml.mxnet.ftml` refuses; a value is not finite in the
+      dtype it is cast to (a float64 state of 1e300 is refused, not made a
+      float32 infinity: values are checked before the cast, which raises on
+      any floating-point warning); its parameters were updated different
+      numbers of times.
+    ValueError: for a wrong argument, naming it: ``indices`` that do not map
+      each leaf to its own index with a state (or, without ``indices``, a
+      number of leaves other than the file's states); ``params`` whose shapes
+      do not match after ``layout``, or a leaf with a multi-precision state
+      that is not float32 (its master); unknown or out-of-range
+      ``hyperparameters``; ``num_update`` with a Gluon file, or a Module file
+      without ``learning_rate``, ``rescale_grad`` or ``num_update``.
+    TypeError: if ``trainer_states`` is neither a path, bytes nor a
+      :class:`TrainerStates`.
 
   Examples:
     A Gluon network (``Conv2D`` then ``Dense``) saved after 100 FTML steps,
@@ -438,6 +500,18 @@ def resume(
         "mxnet.resume: unknown hyperparameters"
         f" {sorted(set(overrides) - _HYPERPARAMETER_KEYS)}; allowed:"
         f" {sorted(_HYPERPARAMETER_KEYS)}.")
+  try:
+    return _resume(saved, params, indices, layout, overrides, num_update)
+  except FileError as e:  # the file's content: named with the file
+    raise FileError(f"mxnet.resume: {source}: {e}") from None
+
+
+def _resume(saved: TrainerStates, params: Any,
+            indices: Mapping[str, int] | None, layout: Any,
+            overrides: dict[str, Any], num_update: int | None
+            ) -> tuple[optax.GradientTransformationExtraArgs, optax.OptState]:
+  """:func:`resume` once the file is read: a ``FileError`` here is about the
+  file's content, any other error about an argument."""
   names = _leaf_names(params)
   leaf_indices = _indices_by_leaf(names, saved.states, indices)
   if saved.optimizer is None:
@@ -447,10 +521,7 @@ def resume(
         "mxnet.resume: num_update is read from the file; pass it only"
         " for Module files, which hold no optimizer.")
   else:
-    try:
-      file_values, count = _file_hyperparameters(saved.optimizer, leaf_indices)
-    except FileError as e:
-      raise FileError(f"mxnet.resume: {source}: {e}") from None
+    file_values, count = _file_hyperparameters(saved.optimizer, leaf_indices)
   arguments = {**file_values, **overrides}
   treedef = jax.tree.structure(params)
   for key in ("lr_mult", "wd_mult"):
@@ -467,11 +538,12 @@ def resume(
     if saved.optimizer is None or set(overrides) & {
         "learning_rate", *_FTML_KEYS}:
       raise
-    raise FileError(f"mxnet.resume: {source}: the pickled FTML's"
-                    f" hyperparameters: {e}") from None
-  buffers = zip(*(state.buffers for state in states), strict=True)
+    raise FileError(f"the pickled FTML's hyperparameters: {e}") from None
   state = _replace_ftml_buffers(
       optimizer.init(params), count,
-      {k: treedef.unflatten(list(v))
-       for k, v in zip(("d_prev", "v", "z"), buffers, strict=True)})
+      {key: treedef.unflatten([
+          _FileArray(state.buffers[i], f"the state of index {index} ({name})")
+          for state, index in zip(states, leaf_indices, strict=True)])
+       for i, (key, name) in enumerate((("d_prev", "d"), ("v", "v"),
+                                        ("z", "z")))})
   return optimizer, state
