@@ -682,6 +682,12 @@ def test_zip64_records_and_fields_must_be_whole():
     changed = bytearray(data)
     struct.pack_into("<H", changed, extra_at + 2, size)
     refused(bytes(changed), message, mxnet.read_params)
+  # A zip64 field of 15 bytes (the extra field shortened with it): one byte
+  # short of the two sizes the local header's 0xFFFFFFFF fields ask for.
+  short = bytearray(data)
+  struct.pack_into("<H", short, data.index(b"PK\x03\x04") + 28, 19)
+  struct.pack_into("<H", short, extra_at + 2, 15)
+  refused(bytes(short), "without its zip64 value", mxnet.read_params)
 
 
 def zip64_end(count: int, cd_size: int, cd_offset: int, at: int) -> bytes:
