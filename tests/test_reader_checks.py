@@ -688,6 +688,14 @@ def test_zip64_records_and_fields_must_be_whole():
   struct.pack_into("<H", short, data.index(b"PK\x03\x04") + 28, 19)
   struct.pack_into("<H", short, extra_at + 2, 15)
   refused(bytes(short), "without its zip64 value", mxnet.read_params)
+  # Only the size wide, its zip64 field a byte short and another field after
+  # it (whose first byte, 0, would complete the size if read with the field).
+  size = struct.unpack_from("<Q", data, extra_at + 4)[0]
+  one_wide = bytearray(data)
+  struct.pack_into("<I", one_wide, data.index(b"PK\x03\x04") + 18, size)
+  struct.pack_into("<HH7sHH5s", one_wide, extra_at, 1, 7,
+                   struct.pack("<Q", size)[:7], 0, 5, b"")
+  refused(bytes(one_wide), "without its zip64 value", mxnet.read_params)
 
 
 def zip64_end(count: int, cd_size: int, cd_offset: int, at: int) -> bytes:
