@@ -53,7 +53,7 @@ import jax  # noqa: F401
 import ml_dtypes  # noqa: F401
 import numpy as np  # noqa: F401
 import optax  # noqa: F401
-import pytest  # noqa: F401
+import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MODULES = ["optax_ftml/mxnet/_pickle.py", "optax_ftml/mxnet/_files.py",
@@ -180,7 +180,8 @@ def run_tests(module: str, path: pathlib.Path, code: Any, tiers: list[str],
 
 def _calls(test: Any) -> Iterator[dict[str, Any]]:
   """The keyword arguments of each case of a test: its parametrisations
-  (``pytest.mark.parametrize``) and a fresh ``tmp_path``."""
+  (``pytest.mark.parametrize``) and a fresh ``tmp_path`` (``monkeypatch``,
+  undone after the case, is given by the caller)."""
   cases: list[dict[str, Any]] = [{}]
   for mark in getattr(test, "pytestmark", []):
     if mark.name != "parametrize":
@@ -217,7 +218,10 @@ def run_tier(module: str, path: pathlib.Path, code: Any, tests: list[str],
           if (name.startswith("test_") and callable(test)
               and f"{test_file}::{name}" not in LEFT_OUT):
             for arguments in _calls(test):
-              test(**arguments)
+              with pytest.MonkeyPatch.context() as monkeypatch:
+                if "monkeypatch" in inspect.signature(test).parameters:
+                  arguments["monkeypatch"] = monkeypatch
+                test(**arguments)
       status = 0
     except BaseException:  # a failing test: the mutant is killed
       status = 1

@@ -789,6 +789,9 @@ def test_zip_directory_and_headers_must_lie_where_they_say():
   with pytest.raises(mxnet.FileError, match="offset 0 disagrees"):
     mxnet.read_params(hostile_files.zip_archive(long_name, [entry]))
   with pytest.raises(mxnet.FileError, match="zip64 end record is missing"):
+    mxnet.read_params(hostile_files.end_record(0xFFFF, 0xFFFFFFFF, 0))
+  # 65,535 entries fit the end record (zip64 records optional), not 0 bytes.
+  with pytest.raises(mxnet.FileError, match="65535 entries, 0 bytes"):
     mxnet.read_params(hostile_files.end_record(0xFFFF, 0, 0))
 
 

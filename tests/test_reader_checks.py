@@ -2,6 +2,7 @@
 check or with its bound moved by one (tests/mutate_readers.py runs them
 against such changes): files built here byte by byte."""
 
+import functools
 import io
 import math
 import pickle
@@ -468,6 +469,20 @@ def test_npy_shapes_numpy_can_hold():
   refused(npz(w=huge), "too many elements", mxnet.read_params)
 
 
+def npy_with_header(length: int) -> bytes:
+  """A version 1.0 ``.npy`` of the uint8 values 1 and 2 whose header (the
+  text after its length field) is ``length`` bytes."""
+  header = "{'descr': '|u1', 'fortran_order': False, 'shape': (2,), }"
+  return (b"\x93NUMPY\x01\x00" + struct.pack("<H", length)
+          + (header.ljust(length - 1) + "\n").encode("latin1") + b"\x01\x02")
+
+
+def test_npy_headers_are_at_most_10000_bytes():
+  read = mxnet.read_params(npz(w=npy_with_header(10_000)))["w"]
+  np.testing.assert_array_equal(read, np.array([1, 2], np.uint8))
+  refused(npz(w=npy_with_header(10_001)), "not a NumPy array", mxnet.read_params)
+
+
 def test_npz_names_are_distinct():
   member = npy(np.zeros(2, np.float32))
   buffer = io.BytesIO()
@@ -661,12 +676,69 @@ def test_zip64_records_and_fields_must_be_whole():
   extra_at = data.index(b"PK\x03\x04") + 30 + len("a.npy")
   assert struct.unpack_from("<H", data, extra_at)[0] == 1  # the zip64 field
   for size, message in ((17, "runs past its end"), (14, "runs past its end"),
-                        (12, "without its zip64 value")):
+                        (13, "runs past its end"), (12, "without its zip64 value")):
     # The field's 16 bytes (two sizes) declared as ``size``: what follows is
-    # read as the next field's header.
+    # read as the next field's header (2 or 3 bytes: too short for one).
     changed = bytearray(data)
     struct.pack_into("<H", changed, extra_at + 2, size)
     refused(bytes(changed), message, mxnet.read_params)
+  # A zip64 field of 15 bytes (the extra field shortened with it): one byte
+  # short of the two sizes the local header's 0xFFFFFFFF fields ask for.
+  short = bytearray(data)
+  struct.pack_into("<H", short, data.index(b"PK\x03\x04") + 28, 19)
+  struct.pack_into("<H", short, extra_at + 2, 15)
+  refused(bytes(short), "without its zip64 value", mxnet.read_params)
+  # Only the size wide, its zip64 field a byte short and another field after
+  # it (whose first byte, 0, would complete the size if read with the field).
+  size = struct.unpack_from("<Q", data, extra_at + 4)[0]
+  one_wide = bytearray(data)
+  struct.pack_into("<I", one_wide, data.index(b"PK\x03\x04") + 18, size)
+  struct.pack_into("<HH7sHH5s", one_wide, extra_at, 1, 7,
+                   struct.pack("<Q", size)[:7], 0, 5, b"")
+  refused(bytes(one_wide), "without its zip64 value", mxnet.read_params)
+
+
+def zip64_end(count: int, cd_size: int, cd_offset: int, at: int) -> bytes:
+  """A zip64 end record at offset ``at``, its locator and the end record,
+  whose fields hold what fits as Python's zipfile writes them."""
+  return (struct.pack("<4sQHHIIQQQQ", b"PK\x06\x06", 44, 45, 45, 0, 0, count,
+                      count, cd_size, cd_offset)
+          + struct.pack("<4sIQI", b"PK\x06\x07", 0, at, 1)
+          + struct.pack("<4sHHHHIIH", b"PK\x05\x06", 0, 0, min(count, 0xFFFF),
+                        min(count, 0xFFFF), min(cd_size, 0xFFFFFFFF),
+                        min(cd_offset, 0xFFFFFFFF), 0))
+
+
+def test_an_empty_archive_may_have_zip64_records():
+  empty = zip64_end(0, 0, 0, at=0)
+  assert zipfile.ZipFile(io.BytesIO(empty)).namelist() == []
+  assert mxnet.read_params(empty) == {}
+  # A byte less: the locator is found, the zip64 record has no room before it.
+  refused(empty[:4] + empty[5:], "zip64 end record is missing", mxnet.read_params)
+
+
+@functools.cache
+def members(count: int) -> bytes:
+  """An archive of ``count`` empty ``.npy`` members, as Python's zipfile
+  writes it: zip64 end records only from 65,536 members on."""
+  buffer, member = io.BytesIO(), npy(np.zeros(0, np.uint8))
+  with zipfile.ZipFile(buffer, "w") as archive:
+    for i in range(count):
+      archive.writestr(f"{i}.npy", member)
+  return buffer.getvalue()
+
+
+def test_an_archive_of_65535_members_reads_with_or_without_zip64_records():
+  # A count of 0xFFFF fits the end record: Python's zipfile writes no zip64
+  # records for it, Go's archive/zip does.
+  plain = members(0xFFFF)
+  assert plain[-42:-38] != b"PK\x06\x07"
+  cd_size, cd_offset = struct.unpack_from("<II", plain, len(plain) - 10)
+  with_zip64 = plain[:-22] + zip64_end(0xFFFF, cd_size, cd_offset,
+                                       at=len(plain) - 22)
+  for data in (plain, with_zip64):
+    assert len(zipfile.ZipFile(io.BytesIO(data)).namelist()) == 0xFFFF
+    assert len(mxnet.read_params(data)) == 0xFFFF
 
 
 def test_central_directory_entries_lie_inside_it():

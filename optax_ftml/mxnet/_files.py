@@ -48,7 +48,8 @@ from optax_ftml.mxnet._records import quoted
 _LIST_MAGIC = 0x112
 _LIST_HEADER = struct.pack("<Q", _LIST_MAGIC)
 # MXNet 2's parameter files are NumPy .npz archives (zip files).
-_ZIP_MAGIC, _EMPTY_ZIP_MAGIC = b"PK\x03\x04", b"PK\x05\x06"
+# An empty archive starts with its (zip64) end record.
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06", b"PK\x06\x06")
 # NDArray::Save writes V2 for MXNet's classic shapes and V3 under NumPy shape
 # semantics (npx.set_np()); they differ only in how an empty shape is read.
 _ARRAY_MAGIC_V2 = 0xF993FAC9
@@ -336,8 +337,12 @@ def _central_directory(data: bytes, error: Any) -> tuple[list[_Member], int]:
   _, disk, cd_disk, on_disk, count, cd_size, cd_offset, _ = _END.unpack_from(
       data, end_at)
   cd_end = end_at
-  if _WIDE in (cd_size, cd_offset) or count == 0xFFFF:
-    locator_at = end_at - _END64_LOCATOR.size
+  locator_at = end_at - _END64_LOCATOR.size
+  # Zip64 records are needed for wide sizes and offsets, optional for a count
+  # of 0xFFFF (Python's zipfile adds them only from 65,536 entries, Go's from
+  # 65,535) and allowed for any archive: read them wherever their locator is.
+  if _WIDE in (cd_size, cd_offset) or data[locator_at:end_at].startswith(
+      _LOCATOR_MAGIC):
     record_at = locator_at - _END64.size
     if record_at < 0:
       raise error("a zip64 end record is missing")
@@ -536,7 +541,7 @@ def read_params(
     {'0.weight': (4, 1, 3, 3), '0.bias': (4,), '3.weight': (10, 64), '3.bias': (10,)}
   """
   data, source = read_source(file)
-  if data[:4] in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC):
+  if data[:4] in _ZIP_MAGICS:
     return _read_npz(data, source)
   if _looks_like_pickle(data):
     raise FileError(
@@ -660,7 +665,7 @@ def read_trainer_states(
     ((10, 64), dtype('float32'))
   """
   data, source = read_source(file)
-  if data[:4] in (_ZIP_MAGIC, _EMPTY_ZIP_MAGIC) or data[:8] == _LIST_HEADER:
+  if data[:4] in _ZIP_MAGICS or data[:8] == _LIST_HEADER:
     raise FileError(
         f"{source}: this looks like an MXNet parameters file, not a"
         " trainer-state file: use mxnet.read_params.")
