@@ -25,7 +25,7 @@ order and dropout) shared by the optimizers:
   momentum 0.9, each at the rate an earlier search picked (0.01, 3, 0.03) and
   one half-decade on each side;
 * 3 seeds each on ``cnn`` and ``resnet``; fewer rates and seeds on ``keras``
-  (``REDUCED``), whose epoch costs about 25 times the small CNN's.
+  (``REDUCED``), whose epoch costs about 10 times the small CNN's.
 
 No rate is selected in advance: the report shows the whole grid, and each
 optimizer's best rate by the final full-set training loss (how fast it
@@ -356,7 +356,7 @@ MODELS: dict[str, type[nnx.Module]] = {
     "cnn": CNN, "keras": KerasCNN, "resnet": ResNet}
 MODEL_TITLES = {
     "cnn": "small CNN: " + CNN.__doc__,
-    "keras": "Keras CIFAR-10 CNN: " + KerasCNN.__doc__.splitlines()[0],
+    "keras": KerasCNN.__doc__.splitlines()[0],
     "resnet": "small ResNet: " + ResNet.__doc__}
 
 
@@ -546,6 +546,22 @@ def read_run(spec: RunSpec, cache: pathlib.Path) -> dict | None:
   return None
 
 
+def write_whole(path: pathlib.Path, content: str | Callable[[Any], None]):
+  """Writes text, or calls content(file), into path in one step.
+
+  Through a temporary file renamed over path: an interruption, or a commit
+  taken while the grid runs, finds the old file or the new, never half of one.
+  """
+  path.parent.mkdir(parents=True, exist_ok=True)
+  partial = path.with_name(path.name + ".part")
+  if isinstance(content, str):
+    partial.write_text(content)
+  else:
+    with open(partial, "wb") as f:
+      content(f)
+  os.replace(partial, path)
+
+
 def run_and_save(spec: RunSpec, trainer: Trainer, data: Data,
                  cache: pathlib.Path) -> dict:
   """Trains the run and writes its record, with what it ran on."""
@@ -555,12 +571,8 @@ def run_and_save(spec: RunSpec, trainer: Trainer, data: Data,
   record["versions"] = package_versions()
   record["machine"] = machine.description()
   record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-  cache.mkdir(parents=True, exist_ok=True)
-  path = cache / spec.cache_name()
-  partial = path.with_suffix(".part")
-  partial.write_text(json.dumps({"spec": dataclasses.asdict(spec),
-                                 "record": record}) + "\n")
-  os.replace(partial, path)  # an interruption leaves no half-written entry
+  write_whole(cache / spec.cache_name(), json.dumps(
+      {"spec": dataclasses.asdict(spec), "record": record}) + "\n")
   print(f"  {spec.model} / {spec.optimizer} lr {spec.learning_rate:g}"
         f" seed {spec.seed}: full-set training loss"
         f" {record['train_loss'][-1]}, test error {record['test_error'][-1]}"
@@ -831,7 +843,7 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
                  fontsize=9)
     fig.tight_layout()
     path = out / f"fashion_mnist_{model}.png"
-    fig.savefig(path, dpi=90)
+    write_whole(path, lambda f, fig=fig: fig.savefig(f, dpi=90, format="png"))
     paths.append(path)
 
   models = list(output["results"])
@@ -874,7 +886,7 @@ def plot(output: dict, out: pathlib.Path) -> list[pathlib.Path]:
                " lines, their means", fontsize=9)
   fig.tight_layout()
   path = out / "fashion_mnist_rates.png"
-  fig.savefig(path, dpi=90)
+  write_whole(path, lambda f: fig.savefig(f, dpi=90, format="png"))
   paths.append(path)
   return paths
 
@@ -897,9 +909,8 @@ def write_report(settings: Settings, data: Data, models: list[str],
       "machines": distinct([r["machine"] for r in records]),
       "compute_seconds": sum(r["seconds"] for r in records),
       "results": results}
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "fashion_mnist.md").write_text(markdown(output))
-  (out / "fashion_mnist.json").write_text(json.dumps(output) + "\n")
+  write_whole(out / "fashion_mnist.md", markdown(output))
+  write_whole(out / "fashion_mnist.json", json.dumps(output) + "\n")
   plot(output, out)
   return output
 
