@@ -705,7 +705,7 @@ def spread(value: dict | None, scale: float = 1, digits: int = 4) -> str:
 def markdown(output: dict) -> str:
   settings, results = output["settings"], output["results"]
   finished, planned = output["runs_finished"], output["runs_planned"]
-  state = ("complete" if finished == planned else "the grid is still running;"
+  state = ("complete" if finished == planned else "the grid is incomplete;"
            " a blank cell has no finished seed yet")
   lines = [
       "Fashion-MNIST (Xiao, Rasul & Vollgraf, arXiv 1708.07747, August 2017;"
