@@ -62,7 +62,6 @@ import json
 import math
 import os
 import pathlib
-import platform
 import time
 import zlib
 from collections.abc import Callable
@@ -70,7 +69,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 import optax
 
@@ -82,7 +80,7 @@ try:
   from flax import nnx
 except ImportError as error:
   raise ImportError(
-      f"This benchmark needs {error.name}: pip install \"optax_ftml[bench]\""
+      f"This benchmark needs {error.name}: pip install \".[bench]\" in a clone"
   ) from error
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -525,13 +523,6 @@ def train(spec: RunSpec, trainer: Trainer, data: Data) -> dict:
   return record
 
 
-def package_versions() -> dict[str, str]:
-  return {"python": platform.python_version(), "jax": jax.__version__,
-          "jaxlib": jaxlib.__version__, "optax": optax.__version__,
-          "flax": flax.__version__, "numpy": np.__version__,
-          "optax_ftml": optax_ftml.__version__}
-
-
 def read_run(spec: RunSpec, cache: pathlib.Path) -> dict | None:
   """The run's record, where a finished run of this spec is in the cache."""
   path = cache / spec.cache_name()
@@ -568,7 +559,7 @@ def run_and_save(spec: RunSpec, trainer: Trainer, data: Data,
   start = time.perf_counter()
   record = train(spec, trainer, data)
   record["seconds"] = time.perf_counter() - start
-  record["versions"] = package_versions()
+  record["versions"] = {**machine.package_versions(), "flax": flax.__version__}
   record["machine"] = machine.description()
   record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
   write_whole(cache / spec.cache_name(), json.dumps(

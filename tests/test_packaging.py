@@ -102,6 +102,7 @@ def test_nothing_installs_optax_ftml_by_its_bare_name():
   sources = [ROOT / "README.md", *(ROOT / "docs").rglob("*.md"),
              *(ROOT / "colabs").glob("*.ipynb"),
              *(ROOT / "optax_ftml").rglob("*.py"), *(ROOT / ".ci").iterdir(),
+             *(ROOT / "benchmarks").glob("*.py"),
              ROOT / ".github" / "workflows" / "tests.yml"]
   assert len(sources) > 20
   bare = [(path.relative_to(ROOT).as_posix(), argument)
