@@ -755,7 +755,43 @@ def markdown(output: dict) -> str:
             f" {spread(final['validation_loss'])} |"
             f" {spread(final['test_error'], 100, 2)} |"
             f" {spread(final['test_loss'])} | {seconds:.1f} |")
+    lines += epoch_by_epoch(entry, settings["epochs"])
   return "\n".join(lines) + "\n"
+
+
+def epoch_by_epoch(entry: dict, epochs: int) -> list[str]:
+  """The table of how fast each optimizer trains, at its best rate.
+
+  The mean full-set training loss after every epoch, each optimizer at its
+  rate T; then, seeds being shared, in how many of them FTML's loss is below
+  Adam's after that epoch.
+  """
+  best = {}  # optimizer: (rate T, {seed: training loss after every epoch})
+  for name, optimizer in entry["optimizers"].items():
+    if (rate := optimizer["best_by_train_loss"]) is not None:
+      best[name] = rate, {
+          seed: np.pad(curve(r["train_loss"]),
+                       (0, epochs - len(r["train_loss"])),
+                       constant_values=np.nan)
+          for seed, r in optimizer["rates"][rate]["runs"].items()}
+  if not best:
+    return []
+  shown = lambda value: "diverged" if np.isnan(value) else f"{value:.4f}"
+  lines = ["", "Full-set training loss after each epoch, each optimizer at its"
+           " rate T (mean over the seeds):", "",
+           "| optimizer, rate | " + " | ".join(map(str, range(1, epochs + 1)))
+           + " |", "| --- |" + " ---: |" * epochs]
+  for name, (rate, curves) in best.items():
+    means = np.mean(list(curves.values()), axis=0)
+    lines.append(f"| {name} {rate} | " + " | ".join(map(shown, means)) + " |")
+  if "ftml" in best and "adam" in best:
+    ftml, adam = best["ftml"][1], best["adam"][1]
+    shared = sorted(set(ftml) & set(adam))
+    below = [sum(ftml[seed][epoch] < adam[seed][epoch] for seed in shared)
+             for epoch in range(epochs)]
+    lines.append("| ftml below adam (seeds) | "
+                 + " | ".join(f"{n}/{len(shared)}" for n in below) + " |")
+  return lines
 
 
 def plain_log_labels(ax, axis: str = "y"):

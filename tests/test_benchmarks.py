@@ -187,6 +187,19 @@ def test_fashion_mnist_benchmark_runs_quick_and_resumes_from_its_cache(
       best = optimizer[criterion]
       assert optimizer["rates"][best]["final"][key]["mean"] == min(
           cell["final"][key]["mean"] for cell in optimizer["rates"].values())
+  # How fast each trains: after every epoch, the mean at the best rate, and
+  # in how many of the shared seeds FTML's loss is below Adam's.
+  best = {name: optimizer["rates"][optimizer["best_by_train_loss"]]["runs"]
+          for name, optimizer in model["optimizers"].items()}
+  for name, runs in best.items():
+    means = np.mean([r["train_loss"] for r in runs.values()], axis=0)
+    assert (f"| {name} {model['optimizers'][name]['best_by_train_loss']} | "
+            + " | ".join(f"{m:.4f}" for m in means) + " |") in table
+  below = [sum(best["ftml"][seed]["train_loss"][epoch]
+               < best["adam"][seed]["train_loss"][epoch] for seed in best["ftml"])
+           for epoch in range(epochs)]
+  assert ("| ftml below adam (seeds) | "
+          + " | ".join(f"{n}/{seeds}" for n in below) + " |") in table
   records = sorted(cache.glob("*.json"))
   assert len(records) == output["runs_planned"] == output["runs_finished"]
   pngs = sorted(p.name for p in out.glob("*.png"))
@@ -220,7 +233,10 @@ def test_fashion_mnist_benchmark_runs_quick_and_resumes_from_its_cache(
   assert [cell["complete"] for cell in adam["rates"].values()].count(False) == 1
   assert partial["results"]["cnn"]["optimizers"]["ftml"] == model[
       "optimizers"]["ftml"]
-  assert f"1/{seeds}" in (out / "fashion_mnist.md").read_text()
+  partial_table = (out / "fashion_mnist.md").read_text()
+  assert f"1/{seeds}" in partial_table
+  assert "| adam " not in partial_table.split("after each epoch")[1]
+  assert "ftml below adam" not in partial_table
   assert sorted(p.name for p in out.glob("*.png")) == pngs
 
 
