@@ -36,9 +36,13 @@ Every (model, optimizer, rate, seed) run is written, when it finishes, as a
 JSON file to ``--cache`` (``benchmarks/results/fashion_mnist_runs/``, kept in
 the repository), and the report is rewritten from every finished run: the
 same command, started again, continues where the last one stopped, most
-important runs first (``PRIORITY``)::
+important runs first (``PRIORITY``). A part of the grid (``--models``,
+``--optimizers``) can run beside it, with its partial report written
+elsewhere: neither runs what the other has finished::
 
     nice -n 19 python benchmarks/fashion_mnist.py            # resumes the grid
+    nice -n 19 python benchmarks/fashion_mnist.py --models resnet \
+        --optimizers ftml adam --out /tmp/resnet  # beside it: a part of it
     python benchmarks/fashion_mnist.py --report-only         # tables and plots
     python benchmarks/fashion_mnist.py --quick               # a smoke run
 
@@ -663,9 +667,13 @@ def experiment(data: Data, settings: Settings, cache: pathlib.Path,
   for spec in specs:
     if spec in runs:
       continue
-    if spec.model not in trainers:
-      trainers[spec.model] = Trainer(spec.model)
-    runs[spec] = run_and_save(spec, trainers[spec.model], data, cache)
+    # Read again: another process, given another part of the grid, may have
+    # finished this run since this one started.
+    if (record := read_run(spec, cache)) is None:
+      if spec.model not in trainers:
+        trainers[spec.model] = Trainer(spec.model)
+      record = run_and_save(spec, trainers[spec.model], data, cache)
+    runs[spec] = record
     report(runs)
 
 

@@ -254,6 +254,36 @@ def test_fashion_mnist_benchmark_names_the_package_when_files_are_missing(
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.extras
+def test_fashion_mnist_grid_reads_a_run_another_process_finished(
+    tmp_path, monkeypatch):
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import fashion_mnist  # pylint: disable=import-outside-toplevel
+  write_fashion_mnist(tmp_path)
+  settings, cache = fashion_mnist.QUICK, tmp_path / "cache"
+  data = fashion_mnist.load_data(tmp_path, settings)
+  specs = fashion_mnist.plan(settings, data, ["cnn"], ["ftml"])
+  trained = []
+  monkeypatch.setattr(fashion_mnist, "run_and_save",
+                      lambda spec, *_: trained.append(spec) or {"seed": spec.seed})
+  # The first report comes before any training: another process finishes
+  # the grid's first run there, after this one has read the cache.
+  planted = {"by": "another process"}
+
+  def report(runs):
+    if not runs and not trained:
+      fashion_mnist.write_whole(cache / specs[0].cache_name(), json.dumps(
+          {"spec": dataclasses.asdict(specs[0]), "record": planted}))
+    reports.append(dict(runs))
+
+  reports = []
+  fashion_mnist.experiment(data, settings, cache, ["cnn"], ["ftml"], True,
+                           report)
+  assert reports[0] == {} and trained == specs[1:]
+  assert reports[-1] == {specs[0]: planted,
+                         **{spec: {"seed": spec.seed} for spec in specs[1:]}}
+
+
 def header(ndim, *dims, type_code=8):
   return bytes([0, 0, type_code, ndim]) + np.asarray(dims, ">u4").tobytes()
 
