@@ -551,6 +551,12 @@ def fashion_mnist_claims():
        f" {r.error('keras', 'adam', '0.003')}",
        adam_ahead("validation_loss") and adam_ahead("test_error")),
   ]
+  guide.append(("RMSprop, Adadelta and Nesterov SGD have run on the small"
+                " CNN's first two seeds", all(
+                    sorted(cell["runs"]) == ["0", "1"]
+                    for name in ("rmsprop", "adadelta", "nesterov sgd")
+                    for cell in r.results["cnn"]["optimizers"][name]
+                    ["rates"].values())))
   readme.append((f"one seed so far, Adam is ahead"
                  f" ({r.mean('keras', 'adam', '0.001')} against FTML's"
                  f" {r.mean('keras', 'ftml', '0.0025')} at the default rates)",
