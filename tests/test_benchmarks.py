@@ -4,6 +4,7 @@ What they measure is reported by the scripts, not asserted here; what the
 README and the guides say about the committed Fashion-MNIST results is.
 """
 
+import dataclasses
 import gzip
 import json
 import pathlib
@@ -258,7 +259,6 @@ def test_fashion_mnist_benchmark_names_the_package_when_files_are_missing(
 @pytest.mark.extras
 def test_fashion_mnist_grid_reads_a_run_another_process_finished(
     tmp_path, monkeypatch):
-  import dataclasses  # pylint: disable=import-outside-toplevel
   import fashion_mnist  # pylint: disable=import-outside-toplevel
   write_fashion_mnist(tmp_path)
   settings, cache = fashion_mnist.QUICK, tmp_path / "cache"
